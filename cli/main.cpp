@@ -1,0 +1,37 @@
+// msb's command line: parses arguments, calls core, prints results. Holds no state of its own.
+#include <cstdio>
+#include <exception>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/context.h"
+#include "cli/store_commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "msb runs Linux sandboxes as KVM microVMs and makes their whole state cheap to snapshot,\n"
+      "name and fork. State lives in $MSB_HOME (default ~/.msb).",
+      "msb"};
+  msb::cli::GlobalOptions global;
+  // Global options may follow the subcommand too ("msb store ls --home DIR").
+  app.fallthrough();
+  app.add_option("--home", global.home, "State directory (default: $MSB_HOME, else ~/.msb)");
+  app.add_flag("-q,--quiet", global.quiet, "Print no progress and no extra messages");
+  app.set_version_flag("--version", "msb " MSB_VERSION);
+  app.require_subcommand(1);
+  auto run_store = msb::cli::add_store_commands(app, global);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    std::fprintf(stderr, "msb: error: %s (see msb --help)\n", e.what());
+    return 2;
+  }
+  try {
+    return run_store();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "msb: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,221 @@
+// Store: large objects cut into chunks, written and read in parallel on all cores.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+
+#include "snapstore/chunk_codec.h"
+#include "snapstore/error.h"
+#include "snapstore/parallel.h"
+#include "snapstore/store.h"
+
+namespace msb::snapstore {
+namespace fs = std::filesystem;
+
+namespace {
+
+// How much of an object is written before its chunks are synced and renamed into place: bounds
+// the list of pending temporary files (and the debris a crash can leave) whatever the object's
+// size.
+constexpr uint64_t kWindowBytes = 1ull << 30;
+
+void pread_all(int fd, std::span<std::byte> out, uint64_t offset, const std::string& what) {
+  while (!out.empty()) {
+    ssize_t n = ::pread(fd, out.data(), out.size(), static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw_errno("cannot read " + what);
+    if (n == 0) throw StoreError("cannot read " + what + ": it shrank while being stored");
+    out = out.subspan(static_cast<size_t>(n));
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+}  // namespace
+
+// Shared by put_object and put_file. `piece(index, worker)` returns chunk `index`'s bytes, valid
+// until that worker's next call.
+template <class PieceFn>
+static ObjectRef put_chunks(int root_fd, const fs::path& root, int level, uint64_t size,
+                            uint32_t chunk_size, unsigned workers, const ProgressFn& progress,
+                            PieceFn&& piece) {
+  ObjectRef ref;
+  ref.size = size;
+  ref.chunk_size = chunk_size;
+  const size_t count = static_cast<size_t>((size + chunk_size - 1) / chunk_size);
+  ref.chunks.resize(count);
+  const size_t window = std::max<size_t>(1, kWindowBytes / chunk_size);
+  detail::ProgressReporter reporter(progress, size);
+
+  struct Pending {
+    std::string temp;
+    Hash128 hash;
+  };
+  struct Worker {
+    explicit Worker(int level) : codec(level) {}
+    detail::ChunkCodec codec;
+    std::vector<Pending> pending;
+  };
+  std::vector<std::unique_ptr<Worker>> state;
+  for (unsigned w = 0; w < workers; ++w)
+    state.push_back(std::make_unique<Worker>(level));
+
+  for (size_t first = 0; first < count; first += window) {
+    const size_t last = std::min(count, first + window);
+    try {
+      detail::parallel_for(last - first, workers, [&](size_t i, unsigned w) {
+        const size_t index = first + i;
+        std::span<const std::byte> bytes = piece(index, w);
+        reporter.add(bytes.size());
+        if (is_all_zero(bytes)) return;  // ref.chunks[index] stays nullopt
+        Hash128 hash = hash_bytes(bytes);
+        ref.chunks[index] = hash;
+        std::string target = detail::chunk_file(hash);
+        if (::faccessat(root_fd, target.c_str(), F_OK, 0) == 0) return;  // stored already
+        Worker& worker = *state[w];
+        std::span<const std::byte> encoded = worker.codec.encode(bytes);
+        std::string temp = "tmp/" + unique_temp_name("chunk");
+        UniqueFd fd = open_file(root_fd, temp, O_WRONLY | O_CREAT | O_EXCL, 0444);
+        worker.pending.push_back({temp, hash});
+        pwrite_all(fd.get(), encoded, 0, (root / temp).string());
+      });
+      bool any = false;
+      for (auto& w : state)
+        any = any || !w->pending.empty();
+      if (any) {
+        // The data of every pending chunk reaches the disk before any of them gets its name, so a
+        // chunk under its final name is always complete. One syncfs batches them all.
+        if (::syncfs(root_fd) != 0) throw_errno("cannot sync the store at " + root.string());
+      }
+      for (auto& w : state) {
+        for (const Pending& p : w->pending) {
+          std::string target = detail::chunk_file(p.hash);
+          if (::renameat2(root_fd, p.temp.c_str(), root_fd, target.c_str(), RENAME_NOREPLACE) !=
+              0) {
+            int error_number = errno;
+            ::unlinkat(root_fd, p.temp.c_str(), 0);
+            // Another writer stored the same chunk first: that is dedup, not an error.
+            if (error_number != EEXIST) {
+              throw_errno("cannot store chunk " + p.hash.hex(), error_number);
+            }
+          }
+        }
+        w->pending.clear();
+      }
+    } catch (...) {
+      for (auto& w : state) {
+        for (const Pending& p : w->pending)
+          ::unlinkat(root_fd, p.temp.c_str(), 0);
+      }
+      throw;
+    }
+  }
+  return ref;
+}
+
+ObjectRef Store::put_object(std::span<const std::byte> data, const TransferOptions& options) {
+  uint32_t chunk_size = options.chunk_size ? options.chunk_size : options_.chunk_size;
+  if (chunk_size % 4096 != 0) throw StoreError("chunk size must be a multiple of 4096");
+  return put_chunks(root_fd_.get(), root_, options_.zstd_level, data.size(), chunk_size,
+                    thread_count(options), options.progress, [&](size_t index, unsigned) {
+                      uint64_t offset = uint64_t{chunk_size} * index;
+                      return data.subspan(offset,
+                                          std::min<uint64_t>(chunk_size, data.size() - offset));
+                    });
+}
+
+ObjectRef Store::put_file(const fs::path& path, const TransferOptions& options) {
+  uint32_t chunk_size = options.chunk_size ? options.chunk_size : options_.chunk_size;
+  if (chunk_size % 4096 != 0) throw StoreError("chunk size must be a multiple of 4096");
+  UniqueFd fd = open_file(AT_FDCWD, path, O_RDONLY);
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) throw_errno("cannot stat " + path.string());
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    throw StoreError(path.string() + " is not a regular file");
+  }
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  unsigned workers = thread_count(options);
+  // One chunk-sized buffer per worker: memory stays bounded whatever the file's size.
+  std::vector<std::vector<std::byte>> buffers(workers);
+  const std::string what = path.string();
+  return put_chunks(root_fd_.get(), root_, options_.zstd_level, size, chunk_size, workers,
+                    options.progress, [&](size_t index, unsigned w) {
+                      uint64_t offset = uint64_t{chunk_size} * index;
+                      size_t length = std::min<uint64_t>(chunk_size, size - offset);
+                      buffers[w].resize(length);
+                      std::span<std::byte> out(buffers[w]);
+                      pread_all(fd.get(), out, offset, what);
+                      return std::span<const std::byte>(out);
+                    });
+}
+
+void Store::materialize(const ObjectRef& ref, std::span<std::byte> destination,
+                        const TransferOptions& options) const {
+  if (destination.size() != ref.size) {
+    throw StoreError("cannot materialize an object of " + std::to_string(ref.size) +
+                     " bytes into " + std::to_string(destination.size()) + " bytes");
+  }
+  unsigned workers = thread_count(options);
+  std::vector<std::unique_ptr<detail::ChunkCodec>> codecs;
+  for (unsigned w = 0; w < workers; ++w) {
+    codecs.push_back(std::make_unique<detail::ChunkCodec>(options_.zstd_level));
+  }
+  detail::ProgressReporter reporter(options.progress, ref.size);
+  detail::parallel_for(ref.chunks.size(), workers, [&](size_t index, unsigned w) {
+    std::span<std::byte> out =
+        destination.subspan(ref.chunk_offset(index), ref.chunk_length(index));
+    const ChunkRef& chunk = ref.chunks[index];
+    if (!chunk) {
+      if (!options.destination_zeroed) std::memset(out.data(), 0, out.size());
+    } else {
+      // Decompresses straight into the destination: no intermediate copy.
+      codecs[w]->read_into(root_fd_.get(), detail::chunk_file(*chunk), *chunk, out);
+    }
+    reporter.add(out.size());
+  });
+}
+
+void Store::materialize_file(const ObjectRef& ref, const fs::path& path,
+                             const TransferOptions& options) const {
+  fs::path target = fs::absolute(path);
+  fs::path temp = target.parent_path() /
+                  ("." + target.filename().string() + "." + unique_temp_name("msb-partial"));
+  UniqueFd fd = open_file(AT_FDCWD, temp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+  try {
+    // Zero chunks stay holes: the file is as sparse as the object.
+    if (::ftruncate(fd.get(), static_cast<off_t>(ref.size)) != 0) {
+      throw_errno("cannot size " + temp.string());
+    }
+    unsigned workers = thread_count(options);
+    struct Worker {
+      explicit Worker(int level) : codec(level) {}
+      detail::ChunkCodec codec;
+      std::vector<std::byte> buffer;
+    };
+    std::vector<std::unique_ptr<Worker>> state;
+    for (unsigned w = 0; w < workers; ++w)
+      state.push_back(std::make_unique<Worker>(options_.zstd_level));
+    detail::ProgressReporter reporter(options.progress, ref.size);
+    detail::parallel_for(ref.chunks.size(), workers, [&](size_t index, unsigned w) {
+      const ChunkRef& chunk = ref.chunks[index];
+      uint32_t length = ref.chunk_length(index);
+      if (chunk) {
+        Worker& worker = *state[w];
+        worker.buffer.resize(length);
+        worker.codec.read_into(root_fd_.get(), detail::chunk_file(*chunk), *chunk, worker.buffer);
+        pwrite_all(fd.get(), worker.buffer, ref.chunk_offset(index), temp.string());
+      }
+      reporter.add(length);
+    });
+    if (::rename(temp.c_str(), target.c_str()) != 0) {
+      throw_errno("cannot rename " + temp.string() + " to " + target.string());
+    }
+  } catch (...) {
+    ::unlink(temp.c_str());
+    throw;
+  }
+}
+
+}  // namespace msb::snapstore
