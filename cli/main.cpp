@@ -25,7 +25,20 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
-    std::fprintf(stderr, "msb: error: %s (see msb --help)\n", e.what());
+    // CLI11 checks for a missing subcommand before it reports unexpected words, so a mistyped
+    // command would read "A subcommand is required"; name the word instead.
+    std::vector<std::string> unexpected = app.remaining();
+    for (CLI::App* sub = &app; !sub->get_subcommands().empty();) {
+      sub = sub->get_subcommands().front();
+      for (const std::string& word : sub->remaining())
+        unexpected.push_back(word);
+    }
+    if (dynamic_cast<const CLI::RequiredError*>(&e) && !unexpected.empty()) {
+      std::fprintf(stderr, "msb: error: unknown command \"%s\" (see msb --help)\n",
+                   unexpected.front().c_str());
+    } else {
+      std::fprintf(stderr, "msb: error: %s (see msb --help)\n", e.what());
+    }
     return 2;
   }
   try {

@@ -36,13 +36,13 @@ nlohmann::json ObjectRef::to_json() const {
 ObjectRef ObjectRef::from_json(const nlohmann::json& json) {
   ObjectRef ref;
   if (!json.is_object() || !json.contains("size") || !json["size"].is_number_unsigned() ||
-      !json.contains("chunk_size") || !json["chunk_size"].is_number_unsigned() ||
+      !json.contains("chunk_size") || !json["chunk_size"].is_number_integer() ||
       !json.contains("chunks") || !json["chunks"].is_array()) {
     throw StoreError("object reference is malformed: it needs size, chunk_size and chunks");
   }
   ref.size = json["size"].get<uint64_t>();
-  uint64_t chunk_size = json["chunk_size"].get<uint64_t>();
-  if (chunk_size == 0 || chunk_size % 4096 != 0 || chunk_size > (1u << 30)) {
+  int64_t chunk_size = json["chunk_size"].get<int64_t>();
+  if (chunk_size <= 0 || chunk_size % 4096 != 0 || chunk_size > (1u << 30)) {
     throw StoreError("object reference has an invalid chunk size " + std::to_string(chunk_size));
   }
   ref.chunk_size = static_cast<uint32_t>(chunk_size);

@@ -1,0 +1,165 @@
+// Unit tier: the msb executable's store commands, run as a user would (no KVM needed).
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include "tests/support.h"
+
+using msb::test::ProcessResult;
+using msb::test::TempDir;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Msb {
+  TempDir home;
+  ProcessResult operator()(std::vector<std::string> args,
+                           std::map<std::string, std::string> env = {}) {
+    args.insert(args.begin(), MSB_BINARY);
+    env.emplace("MSB_HOME", home.path().string());
+    return msb::test::run_process(args, env);
+  }
+};
+
+// Errors are one line, "msb: error: ...", naming what was wrong.
+void require_error(const ProcessResult& r, int code, const std::string& needle) {
+  INFO("stderr: " << r.err);
+  REQUIRE(r.exit_code == code);
+  REQUIRE_THAT(r.err, Catch::StartsWith("msb: error: ") && Catch::Contains(needle));
+  REQUIRE(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+}
+
+fs::path make_file(const TempDir& dir, const std::string& name, uint64_t seed, size_t size) {
+  auto data = msb::test::make_data(seed, size);
+  fs::path path = dir / name;
+  msb::test::write_text(path, std::string(reinterpret_cast<const char*>(data.data()), data.size()));
+  return path;
+}
+
+}  // namespace
+
+TEST_CASE("msb store put, get, ls, stats, rm and gc work together", "[cli]") {
+  Msb msb;
+  TempDir files;
+  fs::path big = make_file(files, "big.bin", 1, 3 * 1024 * 1024 + 77);
+
+  ProcessResult put = msb({"store", "put", "first", big.string()});
+  INFO(put.err);
+  REQUIRE(put.exit_code == 0);
+  REQUIRE_THAT(put.out, Catch::StartsWith("first: 3.0 MiB in 13 chunks"));
+  REQUIRE(msb({"store", "put", "second", big.string()}).exit_code == 0);
+
+  ProcessResult get = msb({"store", "get", "second", (files / "back.bin").string()});
+  REQUIRE(get.exit_code == 0);
+  REQUIRE(msb::test::read_text(files / "back.bin") == msb::test::read_text(big));
+
+  auto ls = nlohmann::json::parse(msb({"store", "ls", "--json"}).out);
+  REQUIRE(ls.size() == 2);
+  REQUIRE(ls[0]["name"] == "first");
+  REQUIRE(ls[0]["kind"] == "file");
+  REQUIRE(ls[0]["size"] == 3 * 1024 * 1024 + 77);
+  REQUIRE(ls[0]["source"] == big.string());
+  REQUIRE_THAT(msb({"store", "ls"}).out, Catch::Contains("second") && Catch::Contains("3.0 MiB"));
+
+  auto stats = nlohmann::json::parse(msb({"store", "stats", "--json"}).out);
+  REQUIRE(stats["names"] == 2);
+  REQUIRE(stats["chunks"].get<int>() < 13);  // zero chunks are not stored, the rest once
+  REQUIRE(stats["stored_bytes"].get<uint64_t>() < stats["chunk_bytes"].get<uint64_t>());
+  REQUIRE_THAT(msb({"store", "stats"}).out,
+               Catch::Contains("compression") && Catch::Contains("dedup"));
+
+  ProcessResult verify = msb({"store", "verify"});
+  REQUIRE(verify.exit_code == 0);
+  REQUIRE_THAT(verify.out, Catch::Contains("0 problems"));
+
+  REQUIRE(msb({"store", "rm", "first", "second"}).exit_code == 0);
+  ProcessResult dry = msb({"store", "gc", "--dry-run"});
+  REQUIRE_THAT(dry.out, Catch::StartsWith("would remove"));
+  REQUIRE(nlohmann::json::parse(msb({"store", "stats", "--json"}).out)["chunks"] ==
+          stats["chunks"]);
+  ProcessResult gc = msb({"store", "gc"});
+  REQUIRE(gc.exit_code == 0);
+  REQUIRE_THAT(gc.out, Catch::StartsWith("removed " + std::to_string(stats["chunks"].get<int>()) +
+                                         " chunks"));
+  REQUIRE(nlohmann::json::parse(msb({"store", "stats", "--json"}).out)["chunks"] == 0);
+}
+
+TEST_CASE("the state directory comes from the home option or MSB_HOME", "[cli]") {
+  Msb msb;
+  TempDir other, files;
+  fs::path file = make_file(files, "f", 2, 5000);
+  REQUIRE(msb({"--home", other.path().string(), "store", "put", "x", file.string()}).exit_code ==
+          0);
+  REQUIRE(fs::exists(other / "store" / "names" / "x"));
+  REQUIRE_FALSE(fs::exists(msb.home / "store" / "names" / "x"));
+  REQUIRE(msb({"store", "ls", "--home", other.path().string()}).out.find("x ") !=
+          std::string::npos);
+}
+
+TEST_CASE("bad input gets a one-line error and changes nothing", "[cli]") {
+  Msb msb;
+  TempDir files;
+  fs::path file = make_file(files, "f", 3, 100000);
+  REQUIRE(msb({"store", "put", "keep", file.string()}).exit_code == 0);
+  std::string before = msb({"store", "ls", "--json"}).out;
+
+  require_error(msb({"store", "put", "keep", file.string()}), 1, "already exists (use --force");
+  require_error(msb({"store", "put", "a/b", file.string()}), 1, "invalid name \"a/b\": '/'");
+  require_error(msb({"store", "put", "..", file.string()}), 1, "invalid name");
+  require_error(msb({"store", "put", "", file.string()}), 1, "cannot be empty");
+  require_error(msb({"store", "put", "new", (files / "missing").string()}), 1, "missing");
+  require_error(msb({"store", "put", "new", files.path().string()}), 1, "is a directory");
+  require_error(msb({"store", "get", "nope", (files / "out").string()}), 1, "no name \"nope\"");
+  REQUIRE_FALSE(fs::exists(files / "out"));
+  require_error(msb({"store", "rm", "keep", "nope"}), 1, "no name \"nope\"");
+  require_error(msb({"store", "frobnicate"}), 2, "frobnicate");
+  require_error(msb({"store"}), 2, "subcommand is required");
+  require_error(msb({"store", "put", "only-name"}), 2, "FILE");
+  require_error(msb({"store", "stats"}, {{"MSB_ZSTD_LEVEL", "fast"}}), 1, "MSB_ZSTD_LEVEL");
+  require_error(msb({"store", "put", "new", file.string()}, {{"MSB_ZSTD_LEVEL", "99"}}), 1,
+                "zstd level 99");
+
+  REQUIRE(msb({"store", "ls", "--json"}).out == before);  // "keep" survived the failed rm
+  REQUIRE(msb({"store", "verify"}).exit_code == 0);
+  REQUIRE(msb({"store", "put", "keep", file.string(), "--force"}).exit_code == 0);
+}
+
+TEST_CASE("verify exits non-zero naming a corrupt chunk", "[cli]") {
+  Msb msb;
+  TempDir files;
+  fs::path file = make_file(files, "f", 4, 600000);
+  REQUIRE(msb({"store", "put", "x", file.string()}).exit_code == 0);
+  fs::path chunk;
+  for (const auto& e : fs::recursive_directory_iterator(msb.home / "store" / "chunks")) {
+    if (e.is_regular_file()) chunk = e.path();
+  }
+  REQUIRE_FALSE(chunk.empty());
+  fs::permissions(chunk, fs::perms::owner_write, fs::perm_options::add);
+  std::string bytes = msb::test::read_text(chunk);
+  bytes[bytes.size() / 2] ^= 1;
+  msb::test::write_text(chunk, bytes);
+
+  ProcessResult verify = msb({"store", "verify"});
+  REQUIRE(verify.exit_code == 1);
+  REQUIRE_THAT(verify.out, Catch::Contains("problem: chunk " + chunk.filename().string()));
+  require_error(verify, 1, "1 problem");
+  require_error(msb({"store", "get", "x", (files / "out").string()}), 1, chunk.filename().string());
+  REQUIRE_FALSE(fs::exists(files / "out"));
+}
+
+TEST_CASE("a newer store is refused", "[cli]") {
+  Msb msb;
+  REQUIRE(msb({"store", "stats"}).exit_code == 0);
+  msb::test::write_text(msb.home / "store" / "store.json",
+                        R"({"format": "msb-store", "version": "7.1"})");
+  require_error(msb({"store", "ls"}), 1, "format version 7.1");
+}
+
+TEST_CASE("help and version", "[cli]") {
+  Msb msb;
+  ProcessResult help = msb({"--help"});
+  REQUIRE(help.exit_code == 0);
+  REQUIRE_THAT(help.out, Catch::Contains("store"));
+  ProcessResult version = msb({"--version"});
+  REQUIRE(version.exit_code == 0);
+  REQUIRE_THAT(version.out, Catch::StartsWith("msb "));
+}
