@@ -152,7 +152,8 @@ TEST_CASE("objects round trip through the store", "[store]") {
     store->materialize_file(ref, file);
     REQUIRE(fs::file_size(file) == c.data.size());
     std::string text = msb::test::read_text(file);
-    REQUIRE(std::memcmp(text.data(), c.data.data(), c.data.size()) == 0);
+    REQUIRE(std::equal(text.begin(), text.end(), c.data.begin(),
+                       [](char a, std::byte b) { return std::byte(a) == b; }));
 
     // A file stores to the same references as the buffer.
     REQUIRE(store->put_file(file, options) == ref);
@@ -449,7 +450,7 @@ TEST_CASE("gc gives up with a clear error while the store stays busy", "[store]"
   REQUIRE_THROWS_WITH(store->gc(false), Catch::Contains("opened exclusively"));
 }
 
-TEST_CASE("writers killed with SIGKILL leave a consistent store; gc removes the debris",
+TEST_CASE("writers killed with SIGKILL leave a consistent store and gc removes the debris",
           "[store][process]") {
   TempDir dir;
   fs::path root = dir / "store";

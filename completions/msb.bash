@@ -1,0 +1,140 @@
+# bash completion for msb                                            -*- shell-script -*-
+#
+# Install as /usr/share/bash-completion/completions/msb, or source it from ~/.bashrc.
+#
+# Commands are known by their path ("msb", "msb store", "msb store put"). To add a command, add
+# its path to _msb_subcommands (under its parent), its options to _msb_options, and, if it takes
+# arguments, a case to _msb_arguments. tests/check_docs.sh checks these tables against
+# `msb --help`.
+
+# The subcommands of a command path (none for a leaf).
+_msb_subcommands() {
+    case $1 in
+        "msb") echo "store" ;;
+        "msb store") echo "put get ls rm stats verify gc" ;;
+    esac
+}
+
+# The options of a command path. Global options are accepted after any command too, so they are
+# offered everywhere; --version only where it makes sense, at the top.
+_msb_options() {
+    local global="--home -q --quiet -h --help"
+    case $1 in
+        "msb") echo "$global --version" ;;
+        "msb store put") echo "$global -f --force" ;;
+        "msb store ls" | "msb store stats") echo "$global --json" ;;
+        "msb store gc") echo "$global -n --dry-run" ;;
+        *) echo "$global" ;;
+    esac
+}
+
+# Existing names: the files under the store's names/ directory. Read directly rather than through
+# `msb store ls` so that completion is instant, needs no msb on PATH and never takes the store lock.
+# $1 is the --home given on the command line, if any.
+_msb_names() {
+    local home=${1:-${MSB_HOME:-$HOME/.msb}}
+    # The word was typed, not expanded: expand a leading ~ the way the shell will.
+    # shellcheck disable=SC2088  # the literal "~" is what is being looked for
+    [[ $home == "~" || $home == "~/"* ]] && home=$HOME${home:1}
+    local file
+    for file in "$home"/store/names/*; do
+        [[ -f $file ]] && printf '%s\n' "${file##*/}"
+    done
+}
+
+# Completes file paths (bash-completion's _filedir when loaded: it handles quoting and ~).
+_msb_files() {
+    if declare -F _filedir >/dev/null; then
+        _filedir "$@"
+        return
+    fi
+    compopt -o filenames 2>/dev/null
+    if [[ ${1-} == -d ]]; then
+        mapfile -t COMPREPLY < <(compgen -d -- "$cur")
+    else
+        mapfile -t COMPREPLY < <(compgen -f -- "$cur")
+    fi
+}
+
+# Completes the Nth (from 1) positional argument of a leaf command: $1 the command path, $2 N.
+# Uses $cur, $home, $force and $positionals from _msb.
+_msb_arguments() {
+    local names=()
+    case "$1 $2" in
+        "msb store put 1")
+            # A new name needs no completion; with --force the point is to replace one.
+            [[ $force == 1 ]] && mapfile -t names < <(_msb_names "$home") ;;
+        "msb store get 1" | "msb store rm "*)
+            # rm takes several names: leave out those already given.
+            local name given
+            while IFS= read -r name; do
+                for given in "${positionals[@]}"; do
+                    [[ $name == "$given" ]] && continue 2
+                done
+                names+=("$name")
+            done < <(_msb_names "$home") ;;
+        "msb store put 2" | "msb store get 2")
+            _msb_files
+            return ;;
+    esac
+    mapfile -t COMPREPLY < <(compgen -W "${names[*]}" -- "$cur")
+}
+
+_msb() {
+    local cur=${COMP_WORDS[COMP_CWORD]}
+    local prev=${COMP_WORDS[COMP_CWORD - 1]-}
+    COMPREPLY=()
+
+    # --home takes a directory, as "--home DIR" or "--home=DIR" (which bash splits at "=").
+    if [[ $prev == --home ]] ||
+        [[ $prev == = && ${COMP_WORDS[COMP_CWORD - 2]-} == --home ]]; then
+        _msb_files -d
+        return
+    fi
+    if [[ $cur == --home=* ]]; then  # COMP_WORDBREAKS without "="
+        cur=${cur#--home=}
+        _msb_files -d
+        return
+    fi
+
+    # Walk the words before the cursor: follow subcommands to the command path, and note the
+    # options and positional arguments that matter for completing what comes next.
+    local path="msb" home="" force=0 only_positionals=0 word i
+    local positionals=()
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word=${COMP_WORDS[i]}
+        if [[ $only_positionals == 0 ]]; then
+            case $word in
+                --) only_positionals=1; continue ;;
+                --home)
+                    # Skip its value, and the "=" of "--home=DIR".
+                    [[ ${COMP_WORDS[i + 1]-} == = ]] && ((i++))
+                    home=${COMP_WORDS[i + 1]-}
+                    ((i++))
+                    continue ;;
+                --home=*) home=${word#--home=}; continue ;;
+                -f | --force) force=1; continue ;;
+                -*) continue ;;
+            esac
+        fi
+        if [[ ${#positionals[@]} == 0 && " $(_msb_subcommands "$path") " == *" $word "* ]]; then
+            path+=" $word"
+        else
+            positionals+=("$word")
+        fi
+    done
+
+    if [[ $cur == -* && $only_positionals == 0 ]]; then
+        mapfile -t COMPREPLY < <(compgen -W "$(_msb_options "$path")" -- "$cur")
+        return
+    fi
+    local subcommands
+    subcommands=$(_msb_subcommands "$path")
+    if [[ -n $subcommands ]]; then
+        mapfile -t COMPREPLY < <(compgen -W "$subcommands" -- "$cur")
+        return
+    fi
+    _msb_arguments "$path" $((${#positionals[@]} + 1))
+}
+
+complete -F _msb msb

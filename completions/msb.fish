@@ -1,0 +1,140 @@
+# fish completion for msb.
+#
+# Install as /usr/share/fish/vendor_completions.d/msb.fish or ~/.config/fish/completions/msb.fish.
+#
+# Commands are known by their path ("msb", "msb store", "msb store put"), which __fish_msb_parse
+# works out from the command line. To add a command, add a line to __fish_msb_tree, its options
+# with `-n "__fish_msb_using 'PATH'"`, and its arguments with __fish_msb_arg.
+# tests/check_docs.sh checks the tree against `msb --help`.
+
+# Every subcommand: parent path, name, description. The single list both offers subcommands and
+# tells __fish_msb_parse which words are subcommands.
+set -g __fish_msb_tree \
+    'msb' store 'Inspect and maintain the content-addressed store' \
+    'msb store' put 'Store a file under a name (chunked, deduplicated)' \
+    'msb store' get 'Write a file stored under a name' \
+    'msb store' ls 'List the names in the store' \
+    'msb store' rm 'Remove names (gc reclaims their space)' \
+    'msb store' stats 'Show chunk counts, sizes, dedup and compression' \
+    'msb store' verify 'Re-hash every chunk and check every reference' \
+    'msb store' gc 'Delete what no name or running sandbox uses'
+
+# Prints, one per line: the command path, the --home given (or an empty line), 1 if -f/--force
+# was given (else 0), then the positional arguments before the cursor. This walks the tokens
+# itself instead of using __fish_seen_subcommand_from, which would take a store name such as "ls",
+# or the DIR of "--home store", for a subcommand, and cannot count positional arguments.
+function __fish_msb_parse
+    set -l path msb
+    set -l home ''
+    set -l force 0
+    set -l positionals
+    set -l only_positionals 0
+    set -l tokens (commandline -opc)
+    set -l i 2
+    while test $i -le (count $tokens)
+        set -l token $tokens[$i]
+        set i (math $i + 1)
+        if test $only_positionals = 0
+            switch $token
+                case --
+                    set only_positionals 1
+                    continue
+                case --home
+                    set home $tokens[$i]
+                    set i (math $i + 1)
+                    continue
+                case '--home=*'
+                    set home (string replace -- --home= '' $token)
+                    continue
+                case -f --force
+                    set force 1
+                    continue
+                case '-*'
+                    continue
+            end
+        end
+        if test (count $positionals) -eq 0; and __fish_msb_is_subcommand "$path" $token
+            set -a path $token
+        else
+            set -a positionals $token
+        end
+    end
+    printf '%s\n' "$path" "$home" $force $positionals
+end
+
+function __fish_msb_is_subcommand --argument-names parent word
+    for i in (seq 1 3 (count $__fish_msb_tree))
+        set -l j (math $i + 1)
+        if test "$__fish_msb_tree[$i]" = "$parent" -a "$__fish_msb_tree[$j]" = "$word"
+            return 0
+        end
+    end
+    return 1
+end
+
+# True if the command path is one of the arguments.
+function __fish_msb_using
+    set -l state (__fish_msb_parse)
+    contains -- $state[1] $argv
+end
+
+# True if the command path is $argv[1] and the cursor is on its positional argument $argv[2]
+# (from 1). A command's subcommand is its first positional argument.
+function __fish_msb_arg --argument-names path n
+    set -l state (__fish_msb_parse)
+    test "$state[1]" = "$path"; and test (math (count $state) - 3 + 1) -eq $n
+end
+
+# True if -f or --force was given.
+function __fish_msb_forced
+    set -l state (__fish_msb_parse)
+    test "$state[3]" = 1
+end
+
+# Existing names: the files under the store's names/ directory, less the positional arguments
+# already given. Read directly rather than through `msb store ls`, so that completion is instant,
+# needs no msb on PATH and never takes the store lock.
+function __fish_msb_names
+    set -l state (__fish_msb_parse)
+    set -l home $state[2]
+    test -n "$home"; or set home $MSB_HOME
+    test -n "$home"; or set home ~/.msb
+    # The word was typed, not expanded: expand a leading ~ as the shell will.
+    set home (string replace -r -- '^~(?=/|$)' $HOME $home)
+    for file in $home/store/names/*
+        set -l name (string replace -r -- '.*/' '' $file)
+        if test -f $file; and not contains -- $name $state[4..-1]
+            echo $name
+        end
+    end
+end
+
+# No file names unless a FILE argument is expected.
+complete -c msb -f
+
+# Subcommands.
+for i in (seq 1 3 (count $__fish_msb_tree))
+    complete -c msb -n "__fish_msb_arg '$__fish_msb_tree[$i]' 1" \
+        -a $__fish_msb_tree[(math $i + 1)] -d $__fish_msb_tree[(math $i + 2)]
+end
+
+# Global options: accepted after any command too.
+complete -c msb -l home -x -a '(__fish_complete_directories)' \
+    -d 'State directory (default: $MSB_HOME, else ~/.msb)'
+complete -c msb -s q -l quiet -d 'Print no progress and no extra messages'
+complete -c msb -s h -l help -d 'Print help and exit'
+complete -c msb -n "__fish_msb_using msb" -l version -d 'Print the version and exit'
+
+# Options and arguments of each command.
+complete -c msb -n "__fish_msb_using 'msb store put'" -s f -l force \
+    -d 'Replace the name if it exists'
+complete -c msb -n "__fish_msb_arg 'msb store put' 1; and __fish_msb_forced" \
+    -a '(__fish_msb_names)' -d Name
+complete -c msb -n "__fish_msb_arg 'msb store put' 2" -F
+complete -c msb -n "__fish_msb_arg 'msb store get' 1" -a '(__fish_msb_names)' -d Name
+complete -c msb -n "__fish_msb_arg 'msb store get' 2" -F
+complete -c msb -n "__fish_msb_using 'msb store ls'" -l json -d 'Print JSON'
+complete -c msb -n "__fish_msb_using 'msb store rm'" -a '(__fish_msb_names)' -d Name
+complete -c msb -n "__fish_msb_using 'msb store stats'" -l json -d 'Print JSON'
+complete -c msb -n "__fish_msb_using 'msb store gc'" -s n -l dry-run \
+    -d 'Only report what would be removed'
