@@ -1,5 +1,6 @@
 // Store: large objects cut into chunks, written and read in parallel on all cores.
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -21,6 +22,10 @@ namespace {
 // the list of pending temporary files (and the debris a crash can leave) whatever the object's
 // size.
 constexpr uint64_t kWindowBytes = 1ull << 30;
+constexpr uintptr_t kPageSize = 4096;
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; glibc 2.36's headers may lack it
+#endif
 
 void pread_all(int fd, std::span<std::byte> out, uint64_t offset, const std::string& what) {
   while (!out.empty()) {
@@ -31,6 +36,16 @@ void pread_all(int fd, std::span<std::byte> out, uint64_t offset, const std::str
     out = out.subspan(static_cast<size_t>(n));
     offset += static_cast<uint64_t>(n);
   }
+}
+
+// Faults in a destination range with one call instead of a page fault per page: fresh memory is
+// filled about 1.4x faster on the development machine (docs/benchmarks.md). Only an optimization:
+// kernels before 5.14 refuse it and the pages then fault in as they are written.
+void prefault(std::span<std::byte> range) {
+  auto begin = reinterpret_cast<uintptr_t>(range.data());
+  uintptr_t first = (begin + kPageSize - 1) & ~(kPageSize - 1);
+  uintptr_t last = (begin + range.size()) & ~(kPageSize - 1);
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
 }
 
 }  // namespace
@@ -170,6 +185,7 @@ void Store::materialize(const ObjectRef& ref, std::span<std::byte> destination,
     if (!chunk) {
       if (!options.destination_zeroed) std::memset(out.data(), 0, out.size());
     } else {
+      prefault(out);
       // Decompresses straight into the destination: no intermediate copy.
       codecs[w]->read_into(root_fd_.get(), detail::chunk_file(*chunk), *chunk, out);
     }

@@ -158,28 +158,6 @@ bool Store::has_chunk(const Hash128& hash) const {
   return ::faccessat(root_fd_.get(), detail::chunk_file(hash).c_str(), F_OK, 0) == 0;
 }
 
-ChunkRef Store::put_chunk(std::span<const std::byte> bytes) {
-  if (is_all_zero(bytes)) return std::nullopt;
-  Hash128 hash = hash_bytes(bytes);
-  if (has_chunk(hash)) return hash;
-  detail::ChunkCodec codec(options_.zstd_level);
-  std::span<const std::byte> encoded = codec.encode(bytes);
-  std::string temp = "tmp/" + unique_temp_name("chunk");
-  {
-    UniqueFd fd = open_file(root_fd_.get(), temp, O_WRONLY | O_CREAT | O_EXCL, 0444);
-    pwrite_all(fd.get(), encoded, 0, (root_ / temp).string());
-    if (::fdatasync(fd.get()) != 0) throw_errno("cannot sync " + (root_ / temp).string());
-  }
-  std::string target = detail::chunk_file(hash);
-  if (::renameat2(root_fd_.get(), temp.c_str(), root_fd_.get(), target.c_str(), RENAME_NOREPLACE) !=
-      0) {
-    int error_number = errno;
-    ::unlinkat(root_fd_.get(), temp.c_str(), 0);
-    if (error_number != EEXIST) throw_errno("cannot store chunk " + hash.hex(), error_number);
-  }
-  return hash;
-}
-
 std::vector<std::byte> Store::get_chunk(const Hash128& hash) const {
   detail::ChunkCodec codec(options_.zstd_level);
   return codec.read(root_fd_.get(), detail::chunk_file(hash), hash);

@@ -128,8 +128,6 @@ class Store {
 
   // --- Chunks ---------------------------------------------------------------------------------
   bool has_chunk(const Hash128& hash) const;
-  // Stores one chunk durably (zero chunks are not stored); returns its reference.
-  ChunkRef put_chunk(std::span<const std::byte> bytes);
   // Reads, decompresses and verifies a chunk. Throws StoreError naming the chunk if it is
   // missing, undecodable or its content does not hash to its name.
   std::vector<std::byte> get_chunk(const Hash128& hash) const;
