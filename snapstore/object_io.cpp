@@ -96,29 +96,29 @@ static ObjectRef put_chunks(int root_fd, const fs::path& root, int level, uint64
         worker.pending.push_back({temp, hash});
         pwrite_all(fd.get(), encoded, 0, (root / temp).string());
       });
-      bool any = false;
-      for (auto& w : state)
-        any = any || !w->pending.empty();
-      if (any) {
+      std::vector<const Pending*> renames;
+      for (auto& w : state) {
+        for (const Pending& p : w->pending)
+          renames.push_back(&p);
+      }
+      if (!renames.empty()) {
         // The data of every pending chunk reaches the disk before any of them gets its name, so a
         // chunk under its final name is always complete. One syncfs batches them all.
         if (::syncfs(root_fd) != 0) throw_errno("cannot sync the store at " + root.string());
       }
-      for (auto& w : state) {
-        for (const Pending& p : w->pending) {
-          std::string target = detail::chunk_file(p.hash);
-          if (::renameat2(root_fd, p.temp.c_str(), root_fd, target.c_str(), RENAME_NOREPLACE) !=
-              0) {
-            int error_number = errno;
-            ::unlinkat(root_fd, p.temp.c_str(), 0);
-            // Another writer stored the same chunk first: that is dedup, not an error.
-            if (error_number != EEXIST) {
-              throw_errno("cannot store chunk " + p.hash.hex(), error_number);
-            }
-          }
+      detail::parallel_for(renames.size(), workers, [&](size_t i, unsigned) {
+        const Pending& p = *renames[i];
+        std::string target = detail::chunk_file(p.hash);
+        if (::renameat2(root_fd, p.temp.c_str(), root_fd, target.c_str(), RENAME_NOREPLACE) != 0) {
+          int error_number = errno;
+          ::unlinkat(root_fd, p.temp.c_str(), 0);
+          // Another writer stored the same chunk first: that is dedup, not an error.
+          if (error_number != EEXIST)
+            throw_errno("cannot store chunk " + p.hash.hex(), error_number);
         }
+      });
+      for (auto& w : state)
         w->pending.clear();
-      }
     } catch (...) {
       for (auto& w : state) {
         for (const Pending& p : w->pending)

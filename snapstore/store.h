@@ -140,8 +140,9 @@ class Store {
   // Writes the object's bytes into `destination` (exactly ref.size bytes), verifying every chunk.
   void materialize(const ObjectRef& ref, std::span<std::byte> destination,
                    const TransferOptions& options = {}) const;
-  // Writes the object to a new file at `path` (sparse where chunks are zero), atomically: the
-  // file appears complete or not at all.
+  // Writes the object to a new file at `path` (sparse where chunks are zero), atomically for
+  // readers: the file appears complete or not at all. It is not synced; callers that need it to
+  // survive a power loss sync it (a cache can instead be checked and rebuilt).
   void materialize_file(const ObjectRef& ref, const std::filesystem::path& path,
                         const TransferOptions& options = {}) const;
 
