@@ -198,7 +198,14 @@ void Store::materialize_file(const ObjectRef& ref, const fs::path& path,
   fs::path target = fs::absolute(path);
   fs::path temp = target.parent_path() /
                   ("." + target.filename().string() + "." + unique_temp_name("msb-partial"));
-  UniqueFd fd = open_file(AT_FDCWD, temp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+  // Errors name the file the caller asked for, not the temporary one beside it.
+  struct stat st;
+  if (::stat(target.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    throw StoreError("cannot write " + target.string() + ": it is a directory");
+  }
+  int raw = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (raw < 0) throw_errno("cannot write " + target.string());
+  UniqueFd fd(raw);
   try {
     // Zero chunks stay holes: the file is as sparse as the object.
     if (::ftruncate(fd.get(), static_cast<off_t>(ref.size)) != 0) {

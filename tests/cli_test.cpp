@@ -109,6 +109,9 @@ TEST_CASE("bad input gets a one-line error and changes nothing", "[cli]") {
   require_error(msb({"store", "put", "new", (files / "missing").string()}), 1, "missing");
   require_error(msb({"store", "put", "new", files.path().string()}), 1, "is a directory");
   require_error(msb({"store", "get", "nope", (files / "out").string()}), 1, "no name \"nope\"");
+  require_error(msb({"store", "get", "keep", (files / "no-such-dir" / "out").string()}), 1,
+                "cannot write " + (files / "no-such-dir" / "out").string() + ": No such file");
+  require_error(msb({"store", "get", "keep", files.path().string()}), 1, "it is a directory");
   REQUIRE_FALSE(fs::exists(files / "out"));
   require_error(msb({"store", "rm", "keep", "nope"}), 1, "no name \"nope\"");
   require_error(msb({"store", "frobnicate"}), 2, "frobnicate");
