@@ -94,6 +94,10 @@ void fsync_or_throw(int fd, const std::string& what) {
   if (::fsync(fd) != 0) throw_errno("cannot sync " + what);
 }
 
+void syncfs_or_throw(int fd, const std::string& what) {
+  if (::syncfs(fd) != 0) throw_errno("cannot sync " + what);
+}
+
 void fsync_dir(const std::filesystem::path& dir) {
   UniqueFd fd = open_file(AT_FDCWD, dir, O_RDONLY | O_DIRECTORY);
   fsync_or_throw(fd.get(), dir.string());

@@ -41,6 +41,8 @@ std::string read_all(int fd, const std::string& what);
 std::string read_file(const std::filesystem::path& path);
 
 void fsync_or_throw(int fd, const std::string& what);
+// syncfs(2): flushes everything written to the file system that holds `fd`, by any process.
+void syncfs_or_throw(int fd, const std::string& what);
 void fsync_dir(const std::filesystem::path& dir);
 
 // A name that no other process or thread picks at the same time:

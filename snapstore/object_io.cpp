@@ -104,7 +104,7 @@ static ObjectRef put_chunks(int root_fd, const fs::path& root, int level, uint64
       if (!renames.empty()) {
         // The data of every pending chunk reaches the disk before any of them gets its name, so a
         // chunk under its final name is always complete. One syncfs batches them all.
-        if (::syncfs(root_fd) != 0) throw_errno("cannot sync the store at " + root.string());
+        syncfs_or_throw(root_fd, "the store at " + root.string());
       }
       detail::parallel_for(renames.size(), workers, [&](size_t i, unsigned) {
         const Pending& p = *renames[i];

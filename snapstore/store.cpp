@@ -141,7 +141,7 @@ unsigned Store::thread_count(const TransferOptions& options) const {
 void Store::sync_filesystem() const {
   // One syncfs covers every chunk written since the last one, by this process or any other: this
   // is how the store batches durability instead of an fsync per chunk.
-  if (::syncfs(root_fd_.get()) != 0) throw_errno("cannot sync the store at " + root_.string());
+  syncfs_or_throw(root_fd_.get(), "the store at " + root_.string());
 }
 
 fs::path Store::chunk_path(const Hash128& hash) const {
