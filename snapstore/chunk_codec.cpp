@@ -121,4 +121,11 @@ long long ChunkCodec::content_size(int dir_fd, const std::string& path) {
   return static_cast<long long>(length);
 }
 
+std::vector<std::unique_ptr<ChunkCodec>> make_codecs(unsigned workers, int level) {
+  std::vector<std::unique_ptr<ChunkCodec>> codecs;
+  for (unsigned w = 0; w < workers; ++w)
+    codecs.push_back(std::make_unique<ChunkCodec>(level));
+  return codecs;
+}
+
 }  // namespace msb::snapstore::detail

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -49,5 +50,8 @@ class ChunkCodec {
   ZSTD_DCtx_s* dctx_ = nullptr;
   std::vector<std::byte> scratch_;
 };
+
+// One codec per worker thread of a parallel loop.
+std::vector<std::unique_ptr<ChunkCodec>> make_codecs(unsigned workers, int level);
 
 }  // namespace msb::snapstore::detail

@@ -215,10 +215,7 @@ VerifyReport Store::verify() const {
   for (const ChunkFile& c : chunks)
     present.insert(c.hash);
   unsigned workers = thread_count({});
-  std::vector<std::unique_ptr<detail::ChunkCodec>> codecs;
-  for (unsigned w = 0; w < workers; ++w) {
-    codecs.push_back(std::make_unique<detail::ChunkCodec>(options_.zstd_level));
-  }
+  auto codecs = detail::make_codecs(workers, options_.zstd_level);
   std::mutex mutex;
   detail::parallel_for(chunks.size(), workers, [&](size_t i, unsigned w) {
     try {

@@ -173,10 +173,7 @@ void Store::materialize(const ObjectRef& ref, std::span<std::byte> destination,
                      " bytes into " + std::to_string(destination.size()) + " bytes");
   }
   unsigned workers = thread_count(options);
-  std::vector<std::unique_ptr<detail::ChunkCodec>> codecs;
-  for (unsigned w = 0; w < workers; ++w) {
-    codecs.push_back(std::make_unique<detail::ChunkCodec>(options_.zstd_level));
-  }
+  auto codecs = detail::make_codecs(workers, options_.zstd_level);
   detail::ProgressReporter reporter(options.progress, ref.size);
   detail::parallel_for(ref.chunks.size(), workers, [&](size_t index, unsigned w) {
     std::span<std::byte> out =

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdio>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -49,12 +48,6 @@ void set64(Bytes& table, size_t offset, uint64_t value) {
 uint8_t checksum(const uint8_t* bytes, size_t length) {
   uint8_t sum = std::accumulate(bytes, bytes + length, uint8_t{0});
   return static_cast<uint8_t>(-sum);
-}
-
-std::string hex(uint64_t value) {
-  char text[24];
-  std::snprintf(text, sizeof text, "0x%llx", static_cast<unsigned long long>(value));
-  return text;
 }
 
 constexpr std::string_view kOemId = "MSB   ";
@@ -343,7 +336,7 @@ void validate(const Config& config) {
   }
   for (uint64_t address : {config.ioapic_address, config.lapic_address}) {
     if (address > 0xffffffff - 0xfff) {
-      throw std::invalid_argument("ACPI: interrupt controller address " + hex(address) +
+      throw std::invalid_argument("ACPI: interrupt controller address " + hex_address(address) +
                                   " is not below 4 GiB");
     }
   }
@@ -361,9 +354,10 @@ void validate(const Config& config) {
   }
   for (size_t i = 0; i < config.virtio.size(); ++i) {
     const VirtioMmioDevice& d = config.virtio[i];
-    std::string what = "ACPI: virtio-mmio device " + std::to_string(i) + " at " + hex(d.base);
+    std::string what =
+        "ACPI: virtio-mmio device " + std::to_string(i) + " at " + hex_address(d.base);
     if (d.size == 0 || d.base > kFourGiB - d.size) {
-      throw std::invalid_argument(what + " (size " + hex(d.size) +
+      throw std::invalid_argument(what + " (size " + hex_address(d.size) +
                                   ") must be non-empty and lie below 4 GiB");
     }
     if (d.gsi >= kIoapicPins) {
@@ -382,7 +376,7 @@ void validate(const Config& config) {
       const VirtioMmioDevice& other = config.virtio[j];
       if (overlaps(d.base, d.size, other.base, other.size)) {
         throw std::invalid_argument(what + " overlaps device " + std::to_string(j) + " at " +
-                                    hex(other.base));
+                                    hex_address(other.base));
       }
       if (d.gsi == other.gsi) {
         throw std::invalid_argument(what + " shares GSI " + std::to_string(d.gsi) +
@@ -420,12 +414,13 @@ Result write_tables(const GuestMemory& memory, const Config& config, uint64_t rs
                     uint64_t tables_address) {
   validate(config);
   if (rsdp_address % 16 != 0) {
-    throw std::invalid_argument("ACPI: RSDP address " + hex(rsdp_address) +
+    throw std::invalid_argument("ACPI: RSDP address " + hex_address(rsdp_address) +
                                 " is not 16-byte aligned");
   }
   // The tables take a few KiB; this keeps every address computation below from wrapping around.
   if (tables_address > UINT64_MAX - (uint64_t{1} << 20) || rsdp_address > UINT64_MAX - 4096) {
-    throw std::invalid_argument("ACPI: tables at " + hex(tables_address) + " would wrap around");
+    throw std::invalid_argument("ACPI: tables at " + hex_address(tables_address) +
+                                " would wrap around");
   }
 
   Result result;
@@ -446,8 +441,8 @@ Result write_tables(const GuestMemory& memory, const Config& config, uint64_t rs
   result.rsdp = {rsdp_address, kRsdpLength};
 
   if (overlaps(rsdp_address, kRsdpLength, tables_address, result.tables_end - tables_address)) {
-    throw std::invalid_argument("ACPI: RSDP at " + hex(rsdp_address) + " overlaps the tables at " +
-                                hex(tables_address));
+    throw std::invalid_argument("ACPI: RSDP at " + hex_address(rsdp_address) +
+                                " overlaps the tables at " + hex_address(tables_address));
   }
   struct Write {
     const char* name;
@@ -463,8 +458,8 @@ Result write_tables(const GuestMemory& memory, const Config& config, uint64_t rs
   for (const Write& w : writes) {
     if (!memory.slice(w.address, w.bytes->size())) {
       throw std::invalid_argument(std::string("ACPI: ") + w.name + " (" +
-                                  std::to_string(w.bytes->size()) + " bytes at " + hex(w.address) +
-                                  ") does not fit in guest memory");
+                                  std::to_string(w.bytes->size()) + " bytes at " +
+                                  hex_address(w.address) + ") does not fit in guest memory");
     }
   }
   for (const Write& w : writes)

@@ -1,9 +1,16 @@
 #include "vmm/guest_memory.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <stdexcept>
 
 namespace msb::vmm {
+
+std::string hex_address(uint64_t address) {
+  char text[24];
+  std::snprintf(text, sizeof text, "0x%llx", static_cast<unsigned long long>(address));
+  return text;
+}
 
 void GuestMemory::add_region(uint64_t guest_address, std::span<std::byte> host) {
   uint64_t size = host.size();

@@ -11,10 +11,14 @@
 #include <cstring>
 #include <optional>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 namespace msb::vmm {
+
+// A guest address as errors show it: "0x1000".
+std::string hex_address(uint64_t address);
 
 struct MemoryRegion {
   uint64_t guest_address = 0;

@@ -29,17 +29,11 @@ std::string mib(uint64_t bytes) {
   return std::to_string(bytes >> 20) + " MiB";
 }
 
-std::string hex(uint64_t value) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(value));
-  return buf;
-}
-
 void copy_in(const GuestMemory& memory, uint64_t address, std::span<const std::byte> bytes,
              const std::string& what) {
   if (!memory.write(address, bytes)) {
-    throw BootError(what + " (" + std::to_string(bytes.size()) + " bytes at " + hex(address) +
-                    ") does not fit in guest memory");
+    throw BootError(what + " (" + std::to_string(bytes.size()) + " bytes at " +
+                    hex_address(address) + ") does not fit in guest memory");
   }
 }
 
