@@ -1,0 +1,820 @@
+// The test guest's agent: runs at CPL3 (native speed on msb's host), drives the virtio console
+// and block devices by polling after each interrupt, and speaks the agent protocol.
+#include "../protocol/agent_protocol.h"
+#include "../protocol/pattern.h"
+#include "common.h"
+#include "virtio.h"
+
+namespace testguest {
+
+namespace {
+
+namespace agent = msb::agent;
+
+constexpr uint32_t kDeviceBlock = 2;
+constexpr uint32_t kDeviceConsole = 3;
+constexpr uint32_t kDeviceRng = 4;
+constexpr uint64_t kBlkFeatureFlush = 1ull << 9;
+
+constexpr uint32_t kRxBuffers = 16;
+constexpr uint32_t kRxBufferSize = 4096;
+constexpr uint32_t kTxSlots = 8;
+constexpr uint32_t kTxSlotSize = sizeof(agent::FrameHeader) + agent::kMaxPayload;
+constexpr uint32_t kBlkChunk = 128 * 1024;
+constexpr uint32_t kBlkSegment = 64 * 1024;
+
+// ---- system calls --------------------------------------------------------------------------
+
+// Sleeps until an interrupt arrives, unless one arrived since g_irq_count was `seen`.
+void sys_wait(uint64_t seen) {
+  uint64_t rax = 0;
+  asm volatile("int3" : "+a"(rax) : "D"(seen) : "memory");
+}
+
+[[noreturn]] void sys_power_off() {
+  uint64_t rax = 1;
+  asm volatile("int3" : "+a"(rax) : : "memory");
+  __builtin_unreachable();
+}
+
+// ---- state ---------------------------------------------------------------------------------
+
+VirtioDevice g_console;
+VirtioDevice g_block;
+bool g_have_console;
+bool g_have_block;
+uint64_t g_block_sectors;
+
+VirtqMemory g_console_rx_mem;
+VirtqMemory g_console_tx_mem;
+VirtqMemory g_block_mem;
+Virtq g_console_rx;
+Virtq g_console_tx;
+Virtq g_blockq;
+
+alignas(4096) uint8_t g_rx_buffers[kRxBuffers][kRxBufferSize];
+alignas(4096) uint8_t g_tx_slots[kTxSlots][kTxSlotSize];
+bool g_tx_busy[kTxSlots];
+alignas(4096) uint8_t g_block_buffer[kBlkChunk];
+
+// Received bytes not parsed yet: at most one partial frame plus one receive buffer.
+alignas(16) uint8_t g_parse[sizeof(agent::FrameHeader) + agent::kMaxPayload + kRxBufferSize];
+uint32_t g_parse_len;
+
+// kSetEnv's strings, copied.
+char g_env_storage[agent::kMaxPayload];
+const char* g_env[4096];
+uint32_t g_env_count;
+
+// The running `cat`, if any (every other command finishes inside its kExec).
+bool g_cat_running;
+uint32_t g_cat_id;
+uint64_t g_cat_deadline;  // in ticks; 0: none
+
+uint64_t g_irq_seen;
+
+// Output assembly for echo/env and messages.
+char g_text[2 * agent::kMaxPayload + 4096];
+
+// ---- small helpers -------------------------------------------------------------------------
+
+void log(const char* text) {
+  serial_print(text);
+}
+
+bool str_eq(const char* a, const char* b) {
+  while (*a != 0 && *a == *b)
+    ++a, ++b;
+  return *a == *b;
+}
+
+// Decimal, no sign, no overflow.
+bool parse_u64(const char* s, uint64_t* value) {
+  if (*s == 0) return false;
+  uint64_t v = 0;
+  for (; *s != 0; ++s) {
+    if (*s < '0' || *s > '9') return false;
+    uint64_t digit = static_cast<uint64_t>(*s - '0');
+    if (v > (~0ull - digit) / 10) return false;
+    v = v * 10 + digit;
+  }
+  *value = v;
+  return true;
+}
+
+// Linux's memparse/"%lli" style: 0x hex, leading 0 octal, else decimal; optional K/M/G suffix.
+const char* parse_number(const char* s, uint64_t* value, bool allow_suffix) {
+  uint64_t base = 10;
+  if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+    base = 16;
+    s += 2;
+  } else if (s[0] == '0' && s[1] >= '0' && s[1] <= '7') {
+    base = 8;
+  }
+  uint64_t v = 0;
+  const char* start = s;
+  for (;; ++s) {
+    uint64_t digit;
+    if (*s >= '0' && *s <= '9')
+      digit = static_cast<uint64_t>(*s - '0');
+    else if (*s >= 'a' && *s <= 'f')
+      digit = static_cast<uint64_t>(*s - 'a' + 10);
+    else if (*s >= 'A' && *s <= 'F')
+      digit = static_cast<uint64_t>(*s - 'A' + 10);
+    else
+      break;
+    if (digit >= base) break;
+    v = v * base + digit;
+  }
+  if (s == start) return nullptr;
+  if (allow_suffix) {
+    if (*s == 'K' || *s == 'k')
+      v <<= 10, ++s;
+    else if (*s == 'M' || *s == 'm')
+      v <<= 20, ++s;
+    else if (*s == 'G' || *s == 'g')
+      v <<= 30, ++s;
+  }
+  *value = v;
+  return s;
+}
+
+char* append(char* out, const char* end, const char* text) {
+  while (*text != 0 && out < end)
+    *out++ = *text++;
+  return out;
+}
+
+char* append_dec(char* out, const char* end, uint64_t value) {
+  char digits[21];
+  int n = 0;
+  do {
+    digits[n++] = static_cast<char>('0' + value % 10);
+    value /= 10;
+  } while (value != 0);
+  while (n > 0 && out < end)
+    *out++ = digits[--n];
+  return out;
+}
+
+char* append_hex16(char* out, const char* end, uint64_t value) {
+  for (int i = 0; i < 16 && out < end; ++i)
+    *out++ = "0123456789abcdef"[(value >> (60 - 4 * i)) & 0xf];
+  return out;
+}
+
+// ---- interrupts and waiting ----------------------------------------------------------------
+
+// Acks the devices when an interrupt arrived since last time. Call before checking used rings.
+void poll_interrupts() {
+  uint64_t now = g_irq_count;
+  if (now == g_irq_seen) return;
+  g_irq_seen = now;
+  if (g_have_console) virtio_ack(g_console);
+  if (g_have_block) virtio_ack(g_block);
+}
+
+// Sleeps until the next interrupt (returns at once if one came after poll_interrupts()).
+void wait_for_interrupt() {
+  sys_wait(g_irq_seen);
+  poll_interrupts();
+}
+
+// ---- console transmit ----------------------------------------------------------------------
+
+void reclaim_tx() {
+  uint64_t cookie;
+  uint32_t len;
+  while (virtq_take_used(g_console_tx, &cookie, &len))
+    if (cookie < kTxSlots) g_tx_busy[cookie] = false;
+}
+
+// A free transmit slot, waiting for one if all are in flight.
+uint32_t acquire_tx_slot() {
+  for (;;) {
+    poll_interrupts();
+    reclaim_tx();
+    for (uint32_t i = 0; i < kTxSlots; ++i)
+      if (!g_tx_busy[i]) return i;
+    wait_for_interrupt();
+  }
+}
+
+uint8_t* tx_payload(uint32_t slot) {
+  return g_tx_slots[slot] + sizeof(agent::FrameHeader);
+}
+
+void tx_commit(uint32_t slot, uint16_t type, uint32_t id, uint32_t len) {
+  agent::FrameHeader header{len, type, 0, id};
+  memcpy(g_tx_slots[slot], &header, sizeof(header));
+  g_tx_busy[slot] = true;
+  VirtqBuffer buffer{g_tx_slots[slot], static_cast<uint32_t>(sizeof(header) + len), false};
+  while (!virtq_add(g_console_tx, &buffer, 1, slot)) {
+    poll_interrupts();
+    reclaim_tx();
+    wait_for_interrupt();
+  }
+}
+
+void send_frame(uint16_t type, uint32_t id, const void* data, uint32_t len) {
+  if (!g_have_console) return;
+  uint32_t slot = acquire_tx_slot();
+  memcpy(tx_payload(slot), data, len);
+  tx_commit(slot, type, id, len);
+}
+
+// kStdout/kStderr, split into frames of at most kMaxPayload; nothing for empty output.
+void write_output(uint16_t type, uint32_t id, const char* data, size_t len) {
+  while (len > 0) {
+    uint32_t n = len > agent::kMaxPayload ? agent::kMaxPayload : static_cast<uint32_t>(len);
+    send_frame(type, id, data, n);
+    data += n;
+    len -= n;
+  }
+}
+
+void write_stderr(uint32_t id, const char* text) {
+  write_output(agent::kStderr, id, text, str_len(text));
+}
+
+void send_exit(uint32_t id, int32_t code, int32_t signal) {
+  agent::ExitPayload exit{code, signal};
+  send_frame(agent::kExit, id, &exit, sizeof(exit));
+}
+
+// "testguest: CMD: MESSAGE\n" on stderr, then exit 2.
+void fail_usage(uint32_t id, const char* command, const char* message) {
+  char* out = g_text;
+  const char* end = g_text + sizeof(g_text) - 1;
+  out = append(out, end, "testguest: ");
+  out = append(out, end, command);
+  out = append(out, end, ": ");
+  out = append(out, end, message);
+  out = append(out, end, "\n");
+  write_output(agent::kStderr, id, g_text, static_cast<size_t>(out - g_text));
+  send_exit(id, 2, 0);
+}
+
+void print_checksum_and_exit(uint32_t id, uint64_t checksum) {
+  char line[17];
+  append_hex16(line, line + 16, checksum);
+  line[16] = '\n';
+  write_output(agent::kStdout, id, line, sizeof(line));
+  send_exit(id, 0, 0);
+}
+
+// ---- block device --------------------------------------------------------------------------
+
+struct BlockRequestHeader {
+  uint32_t type;
+  uint32_t reserved;
+  uint64_t sector;
+};
+constexpr uint32_t kBlkIn = 0;
+constexpr uint32_t kBlkOut = 1;
+constexpr uint32_t kBlkFlush = 4;
+
+BlockRequestHeader g_block_header;
+volatile uint8_t g_block_status;
+
+// One request on g_block_buffer; true when the device reports success.
+bool block_request(uint32_t type, uint64_t sector, uint32_t bytes) {
+  g_block_header = BlockRequestHeader{type, 0, sector};
+  g_block_status = 0xff;
+  VirtqBuffer chain[2 + kBlkChunk / kBlkSegment];
+  uint16_t count = 0;
+  chain[count++] = VirtqBuffer{&g_block_header, sizeof(g_block_header), false};
+  for (uint32_t offset = 0; offset < bytes; offset += kBlkSegment) {
+    uint32_t n = bytes - offset < kBlkSegment ? bytes - offset : kBlkSegment;
+    chain[count++] = VirtqBuffer{g_block_buffer + offset, n, type == kBlkIn};
+  }
+  chain[count++] = VirtqBuffer{const_cast<uint8_t*>(&g_block_status), 1, true};
+  if (!virtq_add(g_blockq, chain, count, 1)) return false;
+  for (;;) {
+    poll_interrupts();
+    uint64_t cookie;
+    uint32_t len;
+    if (virtq_take_used(g_blockq, &cookie, &len)) break;
+    wait_for_interrupt();
+  }
+  return g_block_status == 0;
+}
+
+// ---- commands ------------------------------------------------------------------------------
+
+struct Exec {
+  uint32_t id;
+  uint32_t argc;
+  const char* argv[1024];
+  uint32_t envc;
+  const char* envp[1024];
+  uint32_t timeout_ms;
+};
+Exec g_exec;
+
+// The RAM range [kFillBase, kFillBase + mib MiB) must be usable RAM below 4 GiB.
+bool fill_range_ok(uint64_t mib) {
+  if (mib > (kMappedLimit >> 20)) return false;
+  uint64_t end = kFillBase + (mib << 20);
+  if (end > kMappedLimit) return false;
+  uint64_t covered = kFillBase;
+  // Regions may be listed in any order and split: extend coverage until nothing grows it.
+  for (bool grew = true; grew && covered < end;) {
+    grew = false;
+    for (uint32_t i = 0; i < g_boot_info.ram_count; ++i) {
+      const MemRegion& r = g_boot_info.ram[i];
+      if (r.addr <= covered && r.addr + r.size > covered) {
+        covered = r.addr + r.size;
+        grew = true;
+      }
+    }
+  }
+  return covered >= end;
+}
+
+// Parses argv[1] as MiB and, when `with_seed`, argv[2] as the seed.
+bool parse_mib_args(const char* command, bool with_seed, uint64_t* mib, uint64_t* seed) {
+  uint32_t want = with_seed ? 3 : 2;
+  if (g_exec.argc != want || !parse_u64(g_exec.argv[1], mib) ||
+      (with_seed && !parse_u64(g_exec.argv[2], seed))) {
+    fail_usage(g_exec.id, command,
+               with_seed ? "usage: MIB SEED (decimal numbers)" : "usage: MIB (a decimal number)");
+    return false;
+  }
+  return true;
+}
+
+void cmd_echo() {
+  char* out = g_text;
+  const char* end = g_text + sizeof(g_text) - 1;
+  for (uint32_t i = 1; i < g_exec.argc; ++i) {
+    if (i > 1) out = append(out, end, " ");
+    out = append(out, end, g_exec.argv[i]);
+  }
+  *out++ = '\n';
+  write_output(agent::kStdout, g_exec.id, g_text, static_cast<size_t>(out - g_text));
+  send_exit(g_exec.id, 0, 0);
+}
+
+size_t key_len(const char* kv) {
+  size_t n = 0;
+  while (kv[n] != 0 && kv[n] != '=')
+    ++n;
+  return n;
+}
+
+bool same_key(const char* a, const char* b) {
+  size_t n = key_len(a);
+  return n == key_len(b) && memcmp(a, b, n) == 0;
+}
+
+void cmd_env() {
+  // Sandbox env with the exec's entries overriding same-named ones, then the exec's new ones.
+  char* out = g_text;
+  const char* end = g_text + sizeof(g_text) - 1;
+  auto flush_if_full = [&]() {
+    if (out - g_text >= static_cast<ptrdiff_t>(agent::kMaxPayload)) {
+      write_output(agent::kStdout, g_exec.id, g_text, static_cast<size_t>(out - g_text));
+      out = g_text;
+    }
+  };
+  for (uint32_t i = 0; i < g_env_count; ++i) {
+    const char* entry = g_env[i];
+    for (uint32_t j = 0; j < g_exec.envc; ++j)
+      if (same_key(entry, g_exec.envp[j])) entry = g_exec.envp[j];
+    out = append(out, end, entry);
+    out = append(out, end, "\n");
+    flush_if_full();
+  }
+  for (uint32_t j = 0; j < g_exec.envc; ++j) {
+    bool seen = false;
+    for (uint32_t i = 0; i < g_env_count && !seen; ++i)
+      seen = same_key(g_env[i], g_exec.envp[j]);
+    for (uint32_t k = 0; k < j && !seen; ++k)
+      seen = same_key(g_exec.envp[k], g_exec.envp[j]);
+    if (seen) continue;
+    // A later duplicate in the exec's env wins.
+    const char* entry = g_exec.envp[j];
+    for (uint32_t k = j + 1; k < g_exec.envc; ++k)
+      if (same_key(g_exec.envp[k], entry)) entry = g_exec.envp[k];
+    out = append(out, end, entry);
+    out = append(out, end, "\n");
+    flush_if_full();
+  }
+  write_output(agent::kStdout, g_exec.id, g_text, static_cast<size_t>(out - g_text));
+  send_exit(g_exec.id, 0, 0);
+}
+
+void cmd_number(uint64_t value) {
+  char* out = append_dec(g_text, g_text + 32, value);
+  *out++ = '\n';
+  write_output(agent::kStdout, g_exec.id, g_text, static_cast<size_t>(out - g_text));
+  send_exit(g_exec.id, 0, 0);
+}
+
+void cmd_fill_or_sum(bool fill) {
+  const char* name = fill ? "fill" : "sum";
+  uint64_t mib = 0, seed = 0;
+  if (!parse_mib_args(name, fill, &mib, &seed)) return;
+  if (!fill_range_ok(mib)) {
+    fail_usage(g_exec.id, name, "not that much RAM above 32 MiB");
+    return;
+  }
+  volatile uint64_t* words = reinterpret_cast<volatile uint64_t*>(kFillBase);
+  uint64_t count = mib << 17;
+  uint64_t checksum = msb::pattern::kChecksumInit;
+  for (uint64_t i = 0; i < count; ++i) {
+    uint64_t word;
+    if (fill) {
+      word = msb::pattern::pattern_word(seed, i);
+      words[i] = word;
+    } else {
+      word = words[i];
+    }
+    checksum = msb::pattern::checksum_update(checksum, word);
+  }
+  print_checksum_and_exit(g_exec.id, checksum);
+}
+
+void cmd_disk(bool write) {
+  const char* name = write ? "disk-write" : "disk-read";
+  uint64_t mib = 0, seed = 0;
+  if (!parse_mib_args(name, write, &mib, &seed)) return;
+  if (!g_have_block) {
+    fail_usage(g_exec.id, name, "no block device");
+    return;
+  }
+  if (mib > (g_block_sectors >> 11)) {
+    fail_usage(g_exec.id, name, "the disk is too small");
+    return;
+  }
+  uint64_t checksum = msb::pattern::kChecksumInit;
+  uint64_t total = mib << 20;
+  uint64_t word_index = 0;
+  for (uint64_t offset = 0; offset < total; offset += kBlkChunk) {
+    uint32_t bytes = static_cast<uint32_t>(total - offset < kBlkChunk ? total - offset : kBlkChunk);
+    uint64_t* words = reinterpret_cast<uint64_t*>(g_block_buffer);
+    if (write) {
+      for (uint32_t i = 0; i < bytes / 8; ++i) {
+        words[i] = msb::pattern::pattern_word(seed, word_index + i);
+        checksum = msb::pattern::checksum_update(checksum, words[i]);
+      }
+    }
+    if (!block_request(write ? kBlkOut : kBlkIn, offset >> 9, bytes)) {
+      fail_usage(g_exec.id, name, "I/O error");
+      return;
+    }
+    if (!write) {
+      for (uint32_t i = 0; i < bytes / 8; ++i)
+        checksum = msb::pattern::checksum_update(checksum, words[i]);
+    }
+    word_index += bytes / 8;
+  }
+  if (write && (g_block.features & kBlkFeatureFlush) && !block_request(kBlkFlush, 0, 0)) {
+    fail_usage(g_exec.id, name, "flush failed");
+    return;
+  }
+  print_checksum_and_exit(g_exec.id, checksum);
+}
+
+void cmd_out() {
+  uint64_t mib = 0, seed = 0;
+  if (!parse_mib_args("out", true, &mib, &seed)) return;
+  if (mib > 1024 * 1024) {
+    fail_usage(g_exec.id, "out", "at most 1048576 MiB");
+    return;
+  }
+  uint64_t total_words = mib << 17;
+  constexpr uint32_t kWordsPerFrame = agent::kMaxPayload / 8;
+  for (uint64_t index = 0; index < total_words; index += kWordsPerFrame) {
+    uint32_t slot = acquire_tx_slot();
+    uint64_t* words = reinterpret_cast<uint64_t*>(tx_payload(slot));
+    uint32_t n = total_words - index < kWordsPerFrame ? static_cast<uint32_t>(total_words - index)
+                                                      : kWordsPerFrame;
+    for (uint32_t i = 0; i < n; ++i)
+      words[i] = msb::pattern::pattern_word(seed, index + i);
+    tx_commit(slot, agent::kStdout, g_exec.id, n * 8);
+  }
+  send_exit(g_exec.id, 0, 0);
+}
+
+void cmd_exit() {
+  uint64_t code = 0;
+  if (g_exec.argc != 2 || !parse_u64(g_exec.argv[1], &code) || code > 255) {
+    fail_usage(g_exec.id, "exit", "usage: exit N (0-255)");
+    return;
+  }
+  send_exit(g_exec.id, static_cast<int32_t>(code), 0);
+}
+
+void cmd_cat() {
+  g_cat_running = true;
+  g_cat_id = g_exec.id;
+  g_cat_deadline = 0;
+  if (g_exec.timeout_ms != 0)
+    g_cat_deadline = g_ticks + (static_cast<uint64_t>(g_exec.timeout_ms) * kTimerHz + 999) / 1000;
+}
+
+void run_exec() {
+  const char* command = g_exec.argv[0];
+  if (str_eq(command, "echo")) return cmd_echo();
+  if (str_eq(command, "env")) return cmd_env();
+  if (str_eq(command, "cpus")) return cmd_number(g_cpus_online);
+  if (str_eq(command, "ticks")) return cmd_number(g_ticks);
+  if (str_eq(command, "interrupts")) return cmd_number(g_irq_count - g_ticks);
+  if (str_eq(command, "fill")) return cmd_fill_or_sum(true);
+  if (str_eq(command, "sum")) return cmd_fill_or_sum(false);
+  if (str_eq(command, "disk-write")) return cmd_disk(true);
+  if (str_eq(command, "disk-read")) return cmd_disk(false);
+  if (str_eq(command, "out")) return cmd_out();
+  if (str_eq(command, "cat")) return cmd_cat();
+  if (str_eq(command, "exit")) return cmd_exit();
+  char* out = g_text;
+  const char* end = g_text + sizeof(g_text) - 1;
+  out = append(out, end, "testguest: ");
+  out = append(out, end, command);
+  out = append(out, end, ": command not found\n");
+  write_output(agent::kStderr, g_exec.id, g_text, static_cast<size_t>(out - g_text));
+  send_exit(g_exec.id, 127, 0);
+}
+
+// ---- frames --------------------------------------------------------------------------------
+
+// Reads `count` NUL-terminated strings from [*p, end); false when one is unterminated.
+bool take_strings(const char** p, const char* end, uint32_t count, const char** out) {
+  for (uint32_t i = 0; i < count; ++i) {
+    const char* s = *p;
+    const char* q = s;
+    while (q < end && *q != 0)
+      ++q;
+    if (q == end) return false;
+    out[i] = s;
+    *p = q + 1;
+  }
+  return true;
+}
+
+void handle_exec(uint32_t id, const uint8_t* payload, uint32_t len) {
+  if (g_cat_running) {
+    write_stderr(id, "testguest: busy: one command at a time\n");
+    send_exit(id, 126, 0);
+    return;
+  }
+  agent::ExecPayload exec;
+  const char* end = reinterpret_cast<const char*>(payload + len);
+  const char* p = reinterpret_cast<const char*>(payload + sizeof(exec));
+  if (len < sizeof(exec)) {
+    write_stderr(id, "testguest: malformed exec frame\n");
+    send_exit(id, 126, 0);
+    return;
+  }
+  memcpy(&exec, payload, sizeof(exec));
+  const char* cwd;
+  if (exec.argc < 1 || exec.argc > 1024 || exec.envc > 1024 ||
+      !take_strings(&p, end, exec.argc, g_exec.argv) ||
+      !take_strings(&p, end, exec.envc, g_exec.envp) || !take_strings(&p, end, 1, &cwd)) {
+    write_stderr(id, "testguest: malformed exec frame\n");
+    send_exit(id, 126, 0);
+    return;
+  }
+  g_exec.id = id;
+  g_exec.argc = exec.argc;
+  g_exec.envc = exec.envc;
+  g_exec.timeout_ms = exec.timeout_ms;
+  run_exec();
+}
+
+void handle_set_env(const uint8_t* payload, uint32_t len) {
+  uint32_t count;
+  if (len < sizeof(count)) return;
+  memcpy(&count, payload, sizeof(count));
+  if (count > sizeof(g_env) / sizeof(g_env[0])) return;
+  memcpy(g_env_storage, payload + 4, len - 4);
+  const char* p = g_env_storage;
+  if (!take_strings(&p, g_env_storage + (len - 4), count, g_env)) {
+    log("testguest: error: malformed kSetEnv frame ignored\n");
+    g_env_count = 0;
+    return;
+  }
+  g_env_count = count;
+}
+
+void handle_frame(const agent::FrameHeader& header, const uint8_t* payload) {
+  switch (header.type) {
+    case agent::kExec:
+      handle_exec(header.id, payload, header.length);
+      break;
+    case agent::kStdin:
+      if (g_cat_running && header.id == g_cat_id) {
+        if (header.length == 0) {
+          g_cat_running = false;
+          send_exit(g_cat_id, 0, 0);
+        } else {
+          send_frame(agent::kStdout, g_cat_id, payload, header.length);
+        }
+      }
+      break;
+    case agent::kSignal:
+      if (g_cat_running && header.id == g_cat_id && header.length >= 4) {
+        int32_t signal;
+        memcpy(&signal, payload, sizeof(signal));
+        g_cat_running = false;
+        send_exit(g_cat_id, -1, signal);
+      }
+      break;
+    case agent::kSetEnv:
+      handle_set_env(payload, header.length);
+      break;
+    case agent::kPowerOff:
+      log("testguest: power off\n");
+      sys_power_off();
+    default:
+      break;  // unknown: skipped by its length
+  }
+}
+
+// Parses every complete frame in g_parse and keeps the remainder.
+void parse_frames() {
+  uint32_t pos = 0;
+  while (g_parse_len - pos >= sizeof(agent::FrameHeader)) {
+    agent::FrameHeader header;
+    memcpy(&header, g_parse + pos, sizeof(header));
+    if (header.length > agent::kMaxPayload) {
+      log("testguest: error: frame with a bad length skipped\n");
+      pos += sizeof(header);
+      continue;
+    }
+    if (g_parse_len - pos - sizeof(header) < header.length) break;
+    handle_frame(header, g_parse + pos + sizeof(header));
+    pos += static_cast<uint32_t>(sizeof(header)) + header.length;
+  }
+  if (pos != 0) {
+    memmove(g_parse, g_parse + pos, g_parse_len - pos);
+    g_parse_len -= pos;
+  }
+}
+
+void post_rx(uint32_t index) {
+  VirtqBuffer buffer{g_rx_buffers[index], kRxBufferSize, true};
+  virtq_add(g_console_rx, &buffer, 1, index);
+}
+
+// Takes received buffers, parses them, reposts them. True when anything arrived.
+bool process_rx() {
+  bool any = false;
+  uint64_t cookie;
+  uint32_t len;
+  while (virtq_take_used(g_console_rx, &cookie, &len)) {
+    any = true;
+    if (cookie >= kRxBuffers) continue;
+    if (len > kRxBufferSize) len = kRxBufferSize;
+    memcpy(g_parse + g_parse_len, g_rx_buffers[cookie], len);
+    g_parse_len += len;
+    post_rx(static_cast<uint32_t>(cookie));
+    parse_frames();
+  }
+  return any;
+}
+
+// ---- setup ---------------------------------------------------------------------------------
+
+void route_gsi(uint32_t gsi) {
+  uint64_t base = kIoapicBase;
+  uint32_t pin = gsi;
+  if (gsi >= 24) {
+    base = kIoapic2Base;
+    pin = gsi - 24;
+  }
+  if (pin >= 24) return;
+  // Edge triggered, active high, fixed delivery to the BSP.
+  mmio_write32(base, 0x10 + 2 * pin + 1);
+  mmio_write32(base + 0x10, g_bsp_apic_id << 24);
+  mmio_write32(base, 0x10 + 2 * pin);
+  mmio_write32(base + 0x10, kDeviceVectorBase + gsi);
+}
+
+void setup_console(VirtioDevice& device) {
+  if (!virtio_init(device, 0)) return;  // no MULTIPORT: port 0 on queues 0 and 1
+  if (!virtio_queue_init(device, g_console_rx, 0, &g_console_rx_mem) ||
+      !virtio_queue_init(device, g_console_tx, 1, &g_console_tx_mem))
+    return;
+  virtio_driver_ok(device);
+  g_console = device;
+  g_have_console = true;
+  for (uint32_t i = 0; i < kRxBuffers && i + 1 < g_console_rx.size; ++i)
+    post_rx(i);
+}
+
+void setup_block(VirtioDevice& device) {
+  if (!virtio_init(device, kBlkFeatureFlush)) return;
+  if (!virtio_queue_init(device, g_blockq, 0, &g_block_mem)) return;
+  if (g_blockq.size < 4) {
+    log("testguest: error: block queue too small\n");
+    return;
+  }
+  g_block_sectors = virtio_config32(device, 0) | static_cast<uint64_t>(virtio_config32(device, 4))
+                                                     << 32;
+  virtio_driver_ok(device);
+  g_block = device;
+  g_have_block = true;
+}
+
+// Every `virtio_mmio.device=<size>@<addr>:<gsi>` on the command line, in order.
+void probe_devices() {
+  const char* s = g_boot_info.cmdline;
+  const char key[] = "virtio_mmio.device=";
+  uint64_t seen[32];
+  uint32_t seen_count = 0;
+  for (uint32_t i = 0; s[i] != 0; ++i) {
+    if ((i != 0 && s[i - 1] != ' ') || memcmp(s + i, key, sizeof(key) - 1) != 0) continue;
+    uint64_t size = 0, addr = 0, gsi = 0;
+    const char* p = parse_number(s + i + sizeof(key) - 1, &size, true);
+    if (p != nullptr && *p == '@')
+      p = parse_number(p + 1, &addr, false);
+    else
+      p = nullptr;
+    if (p != nullptr && *p == ':')
+      p = parse_number(p + 1, &gsi, false);
+    else
+      p = nullptr;
+    if (p == nullptr || size < 0x100 || addr == 0 || addr >= kMappedLimit || gsi >= 48) {
+      log("testguest: error: bad virtio_mmio.device= argument ignored\n");
+      continue;
+    }
+    bool duplicate = false;
+    for (uint32_t k = 0; k < seen_count; ++k)
+      duplicate |= seen[k] == addr;
+    if (duplicate || seen_count == 32) continue;
+    seen[seen_count++] = addr;
+    if (mmio_read32(addr) != 0x74726976) continue;
+    VirtioDevice device{addr, static_cast<uint32_t>(gsi), mmio_read32(addr + 8), 0};
+    if (device.device_id == kDeviceConsole && !g_have_console) {
+      route_gsi(device.gsi);
+      setup_console(device);
+    } else if (device.device_id == kDeviceBlock && !g_have_block) {
+      route_gsi(device.gsi);
+      setup_block(device);
+    } else if (device.device_id == kDeviceRng) {
+      // Not used; noted so the boot log shows it was found.
+    }
+  }
+}
+
+void print_boot_line() {
+  uint64_t ram = 0;
+  for (uint32_t i = 0; i < g_boot_info.ram_count; ++i)
+    ram += g_boot_info.ram[i].size;
+  serial_print("testguest: ");
+  serial_print_dec(g_cpus_online);
+  serial_print(g_cpus_online == 1 ? " vCPU, " : " vCPUs, ");
+  serial_print_dec(ram >> 20);
+  serial_print(" MiB, virtio");
+  if (g_have_console) {
+    serial_print(" console@");
+    serial_print_hex(g_console.regs);
+  }
+  if (g_have_block) {
+    serial_print(" block@");
+    serial_print_hex(g_block.regs);
+    serial_print(" (");
+    serial_print_dec(g_block_sectors >> 11);
+    serial_print(" MiB)");
+  }
+  serial_print(g_boot_info.kind == BootKind::kPvh ? ", PVH boot\n" : ", Linux boot\n");
+}
+
+}  // namespace
+
+extern "C" [[noreturn]] void agent_main() {
+  serial_print("testguest: cmdline: ");
+  serial_print(g_boot_info.cmdline);
+  serial_print("\n");
+  probe_devices();
+  print_boot_line();
+  if (!g_have_console) {
+    log("testguest: error: no virtio console; powering off\n");
+    sys_power_off();
+  }
+  g_irq_seen = g_irq_count - 1;  // ack once: an interrupt may predate the IOAPIC routing
+  poll_interrupts();
+
+  struct {
+    agent::ReadyPayload ready;
+    char name[10];
+  } ready{{agent::kProtocolVersion, 1}, "testguest"};
+  send_frame(agent::kReady, 0, &ready, sizeof(ready));
+
+  for (;;) {
+    poll_interrupts();
+    bool progress = process_rx();
+    reclaim_tx();
+    if (g_cat_running && g_cat_deadline != 0 && g_ticks >= g_cat_deadline) {
+      g_cat_running = false;
+      send_exit(g_cat_id, -1, 9);
+      progress = true;
+    }
+    if (!progress) sys_wait(g_irq_seen);
+  }
+}
+
+}  // namespace testguest

@@ -1,0 +1,256 @@
+#include "vmm/vcpu.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "vmm/cpuid.h"
+#include "vmm/guest_memory.h"
+#include "vmm/kvm.h"
+#include "vmm/long_mode.h"
+
+namespace msb::vmm {
+
+namespace {
+
+// The signal that interrupts KVM_RUN. Its handler does nothing: the point is the EINTR.
+const int kKickSignal = SIGRTMIN + 1;
+
+void install_kick_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction action {};
+    action.sa_handler = [](int) {};
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0;  // no SA_RESTART: KVM_RUN must come back with EINTR
+    ::sigaction(kKickSignal, &action, nullptr);
+  });
+}
+
+// MSRs every vCPU starts with, as Firecracker and QEMU set them: syscall MSRs cleared, fast string
+// operations enabled, and write-back as the default memory type with MTRRs on.
+constexpr uint32_t kMsrIa32SysenterCs = 0x174;
+constexpr uint32_t kMsrIa32SysenterEsp = 0x175;
+constexpr uint32_t kMsrIa32SysenterEip = 0x176;
+constexpr uint32_t kMsrStar = 0xc0000081;
+constexpr uint32_t kMsrLstar = 0xc0000082;
+constexpr uint32_t kMsrCstar = 0xc0000083;
+constexpr uint32_t kMsrSyscallMask = 0xc0000084;
+constexpr uint32_t kMsrKernelGsBase = 0xc0000102;
+constexpr uint32_t kMsrIa32Tsc = 0x10;
+constexpr uint32_t kMsrIa32MiscEnable = 0x1a0;
+constexpr uint64_t kMiscEnableFastString = 1;
+constexpr uint32_t kMsrMtrrDefType = 0x2ff;
+constexpr uint64_t kMtrrEnableWriteBack = (1u << 11) | 6;
+
+// LAPIC register offsets and delivery modes for the local interrupt pins.
+constexpr size_t kApicLvtLint0 = 0x350;
+constexpr size_t kApicLvtLint1 = 0x360;
+constexpr uint32_t kApicModeExtInt = 7;
+constexpr uint32_t kApicModeNmi = 4;
+
+uint32_t set_delivery_mode(uint32_t lvt, uint32_t mode) {
+  return (lvt & ~0x700u) | (mode << 8);
+}
+
+}  // namespace
+
+Vcpu::Vcpu(int vm_fd, unsigned index, size_t run_size) : index_(index), run_size_(run_size) {
+  install_kick_handler();
+  fd_.reset(kvm::ioctl_or_throw(vm_fd, KVM_CREATE_VCPU, static_cast<unsigned long>(index),
+                                where() + ": KVM_CREATE_VCPU"));
+  void* page = ::mmap(nullptr, run_size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
+  if (page == MAP_FAILED) {
+    throw VmmError(where() + ": mapping kvm_run: " + std::strerror(errno));
+  }
+  run_ = static_cast<kvm_run*>(page);
+}
+
+Vcpu::~Vcpu() {
+  if (run_) ::munmap(run_, run_size_);
+}
+
+std::string Vcpu::where() const {
+  return "vCPU " + std::to_string(index_);
+}
+
+void Vcpu::configure(const std::optional<std::vector<kvm_cpuid_entry2>>& supported_cpuid,
+                     bool set_msrs, unsigned cpu_count) {
+  if (supported_cpuid) {
+    auto entries = cpuid::for_vcpu(*supported_cpuid, index_, cpu_count);
+    if (entries.size() > kvm::kMaxCpuidEntries) throw VmmError(where() + ": CPUID table too large");
+    auto table = std::make_unique<kvm::CpuidTable>();
+    table->nent = static_cast<uint32_t>(entries.size());
+    std::copy(entries.begin(), entries.end(), table->entries);
+    kvm::ioctl_or_throw(fd_.get(), kvm::kSetCpuid2, table.get(), where() + ": KVM_SET_CPUID2");
+  }
+
+  if (set_msrs) set_boot_msrs();
+  set_lapic_lines();
+}
+
+void Vcpu::set_boot_msrs() {
+  struct Msr {
+    uint32_t index;
+    uint64_t value;
+  };
+  const Msr boot_msrs[] = {
+      {kMsrIa32SysenterCs, 0},
+      {kMsrIa32SysenterEsp, 0},
+      {kMsrIa32SysenterEip, 0},
+      {kMsrStar, 0},
+      {kMsrCstar, 0},
+      {kMsrKernelGsBase, 0},
+      {kMsrSyscallMask, 0},
+      {kMsrLstar, 0},
+      {kMsrIa32Tsc, 0},
+      {kMsrIa32MiscEnable, kMiscEnableFastString},
+      {kMsrMtrrDefType, kMtrrEnableWriteBack},
+  };
+  constexpr size_t kCount = std::size(boot_msrs);
+  kvm::MsrTable<kCount> msrs{};
+  msrs.nmsrs = kCount;
+  for (size_t i = 0; i < kCount; ++i) {
+    msrs.entries[i].index = boot_msrs[i].index;
+    msrs.entries[i].data = boot_msrs[i].value;
+  }
+  // KVM_SET_MSRS stops at the first MSR it refuses and returns how many it set.
+  int set = kvm::ioctl_or_throw(fd_.get(), kvm::kSetMsrs, &msrs, where() + ": KVM_SET_MSRS");
+  if (static_cast<size_t>(set) != kCount) {
+    char index[16];
+    std::snprintf(index, sizeof index, "%#x", boot_msrs[set].index);
+    throw VmmError(where() + ": KVM refused to set MSR " + index);
+  }
+}
+
+void Vcpu::set_lapic_lines() {
+  // LINT0 takes the legacy PIC's interrupts (ExtINT), LINT1 is the NMI pin: what firmware sets up
+  // and what Linux expects to find before it switches to the IOAPIC.
+  kvm_lapic_state lapic{};
+  kvm::ioctl_or_throw(fd_.get(), KVM_GET_LAPIC, &lapic, where() + ": KVM_GET_LAPIC");
+  auto lvt = [&](size_t offset) -> uint32_t& {
+    return *reinterpret_cast<uint32_t*>(lapic.regs + offset);
+  };
+  lvt(kApicLvtLint0) = set_delivery_mode(lvt(kApicLvtLint0), kApicModeExtInt);
+  lvt(kApicLvtLint1) = set_delivery_mode(lvt(kApicLvtLint1), kApicModeNmi);
+  kvm::ioctl_or_throw(fd_.get(), KVM_SET_LAPIC, &lapic, where() + ": KVM_SET_LAPIC");
+}
+
+void Vcpu::set_boot_registers(uint64_t entry, uint64_t zero_page) {
+  kvm_sregs sregs{};
+  kvm::ioctl_or_throw(fd_.get(), KVM_GET_SREGS, &sregs, where() + ": KVM_GET_SREGS");
+  long_mode::set_special_registers(sregs);
+  kvm::ioctl_or_throw(fd_.get(), KVM_SET_SREGS, &sregs, where() + ": KVM_SET_SREGS");
+  kvm_regs regs = long_mode::entry_registers(entry, zero_page);
+  kvm::ioctl_or_throw(fd_.get(), KVM_SET_REGS, &regs, where() + ": KVM_SET_REGS");
+  // The x87 and SSE control words as after FNINIT and at reset.
+  kvm_fpu fpu{};
+  fpu.fcw = 0x37f;
+  fpu.mxcsr = 0x1f80;
+  kvm::ioctl_or_throw(fd_.get(), KVM_SET_FPU, &fpu, where() + ": KVM_SET_FPU");
+}
+
+void Vcpu::kick() {
+  // immediate_exit covers a kick that lands before KVM_RUN is entered; the signal one that lands
+  // while the vCPU is inside it.
+  __atomic_store_n(&run_->immediate_exit, 1, __ATOMIC_SEQ_CST);
+  if (running_.load()) ::pthread_kill(thread_.load(), kKickSignal);
+}
+
+std::optional<MachineExit> Vcpu::run(const IoBus& ports, const IoBus& mmio,
+                                     const std::atomic<bool>& stopping) {
+  thread_.store(::pthread_self());
+  running_.store(true);
+  struct Running {
+    std::atomic<bool>& flag;
+    ~Running() { flag.store(false); }
+  } running{running_};
+  // Whoever started this thread may have blocked signals; the kick must get through.
+  sigset_t kick_set;
+  sigemptyset(&kick_set);
+  sigaddset(&kick_set, kKickSignal);
+  ::pthread_sigmask(SIG_UNBLOCK, &kick_set, nullptr);
+
+  while (!stopping.load()) {
+    if (::ioctl(fd_.get(), KVM_RUN, 0) < 0) {
+      if (errno == EINTR || errno == EAGAIN) {
+        __atomic_store_n(&run_->immediate_exit, 0, __ATOMIC_SEQ_CST);
+        continue;
+      }
+      return MachineExit{MachineExit::Reason::kVmmError,
+                         where() + ": KVM_RUN: " + std::strerror(errno)};
+    }
+    if (auto exit = handle_exit(ports, mmio)) return exit;
+  }
+  return std::nullopt;
+}
+
+MachineExit Vcpu::internal_error(const std::string& what) {
+  std::string detail = where() + ": " + what;
+  kvm_regs regs{};
+  if (::ioctl(fd_.get(), KVM_GET_REGS, &regs) == 0) detail += " at rip " + hex_address(regs.rip);
+  return MachineExit{MachineExit::Reason::kInternalError, detail};
+}
+
+std::optional<MachineExit> Vcpu::handle_exit(const IoBus& ports, const IoBus& mmio) {
+  switch (run_->exit_reason) {
+    case KVM_EXIT_IO: {
+      const auto& io = run_->io;
+      const uint64_t bytes = uint64_t{io.size} * io.count;
+      if (io.size == 0 || io.data_offset > run_size_ || bytes > run_size_ - io.data_offset) {
+        return internal_error("KVM reported an I/O exit outside the kvm_run page");
+      }
+      auto* data = reinterpret_cast<std::byte*>(run_) + io.data_offset;
+      for (uint32_t i = 0; i < io.count; ++i) {
+        std::span<std::byte> item(data + i * io.size, io.size);
+        if (io.direction == KVM_EXIT_IO_OUT) {
+          ports.write(io.port, item);
+        } else if (!ports.read(io.port, item)) {
+          std::memset(item.data(), 0xff, item.size());
+        }
+      }
+      return std::nullopt;
+    }
+    case KVM_EXIT_MMIO: {
+      auto& access = run_->mmio;
+      if (access.len == 0 || access.len > sizeof access.data) {
+        return internal_error("KVM reported an MMIO exit of " + std::to_string(access.len) +
+                              " bytes");
+      }
+      std::span<std::byte> data(reinterpret_cast<std::byte*>(access.data), access.len);
+      if (access.is_write) {
+        mmio.write(access.phys_addr, data);
+      } else if (!mmio.read(access.phys_addr, data)) {
+        std::memset(data.data(), 0xff, data.size());
+      }
+      return std::nullopt;
+    }
+    case KVM_EXIT_SHUTDOWN:
+      return MachineExit{MachineExit::Reason::kTripleFault,
+                         internal_error("the guest triple-faulted (KVM_EXIT_SHUTDOWN)").detail};
+    case KVM_EXIT_SYSTEM_EVENT:
+      if (run_->system_event.type == KVM_SYSTEM_EVENT_SHUTDOWN ||
+          run_->system_event.type == KVM_SYSTEM_EVENT_RESET) {
+        return MachineExit{MachineExit::Reason::kPoweredOff, where() + ": the guest powered off"};
+      }
+      return internal_error("system event " + std::to_string(run_->system_event.type));
+    case KVM_EXIT_INTERNAL_ERROR:
+      return internal_error("KVM internal error, suberror " +
+                            std::to_string(run_->internal.suberror));
+    case KVM_EXIT_FAIL_ENTRY:
+      return internal_error("KVM could not enter the guest, hardware reason " +
+                            hex_address(run_->fail_entry.hardware_entry_failure_reason));
+    case KVM_EXIT_INTR:
+      return std::nullopt;
+    default:
+      return internal_error("unexpected KVM exit reason " + std::to_string(run_->exit_reason));
+  }
+}
+
+}  // namespace msb::vmm
