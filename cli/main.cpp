@@ -1,13 +1,26 @@
 // msb's command line: parses arguments, calls core, prints results. Holds no state of its own.
 #include <cstdio>
+#include <cstring>
 #include <exception>
 
 #include <CLI/CLI.hpp>
 
 #include "cli/context.h"
+#include "cli/sandbox_commands.h"
 #include "cli/store_commands.h"
+#include "core/vmm_process.h"
 
 int main(int argc, char** argv) {
+  // `msb __vmm DIR`: the VMM process that msb create and msb start spawn. Not a user command, so
+  // it stays out of CLI11 and --help.
+  if (argc == 3 && std::strcmp(argv[1], msb::core::kVmmModeArgument) == 0) {
+    try {
+      return msb::core::run_vmm_process(argv[2]);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "msb __vmm: %s\n", e.what());
+      return 1;
+    }
+  }
   CLI::App app{
       "msb runs Linux sandboxes as KVM microVMs and makes their whole state cheap to snapshot,\n"
       "name and fork. State lives in $MSB_HOME (default ~/.msb).",
@@ -19,6 +32,7 @@ int main(int argc, char** argv) {
   app.add_flag("-q,--quiet", global.quiet, "Print no progress and no extra messages");
   app.set_version_flag("--version", "msb " MSB_VERSION);
   app.require_subcommand(1);
+  auto run_sandbox = msb::cli::add_sandbox_commands(app, global);
   auto run_store = msb::cli::add_store_commands(app, global);
 
   try {
@@ -42,7 +56,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run_store();
+    int code = run_sandbox();
+    return code >= 0 ? code : run_store();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "msb: error: %s\n", e.what());
     return 1;

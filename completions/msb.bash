@@ -10,7 +10,7 @@
 # The subcommands of a command path (none for a leaf).
 _msb_subcommands() {
     case $1 in
-        "msb") echo "store" ;;
+        "msb") echo "create exec ls logs stop start rm run store" ;;
         "msb store") echo "put get ls rm stats verify gc" ;;
     esac
 }
@@ -21,8 +21,14 @@ _msb_options() {
     local global="--home -q --quiet -h --help"
     case $1 in
         "msb") echo "$global --version" ;;
+        "msb create") echo "$global --kernel --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus --max-memory --env" ;;
+        "msb exec") echo "$global --env --workdir --timeout" ;;
+        "msb logs") echo "$global -f --follow" ;;
+        "msb stop") echo "$global --timeout" ;;
+        "msb rm") echo "$global -f --force" ;;
+        "msb run") echo "$global --name --kernel --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus --max-memory --env --workdir --timeout" ;;
         "msb store put") echo "$global -f --force" ;;
-        "msb store ls" | "msb store stats") echo "$global --json" ;;
+        "msb ls" | "msb store ls" | "msb store stats") echo "$global --json" ;;
         "msb store gc") echo "$global -n --dry-run" ;;
         *) echo "$global" ;;
     esac
@@ -39,6 +45,17 @@ _msb_names() {
     local file
     for file in "$home"/store/names/*; do
         [[ -f $file ]] && printf '%s\n' "${file##*/}"
+    done
+}
+
+# Existing sandboxes: the folders under $home/sandboxes, read directly for the same reasons.
+_msb_sandboxes() {
+    local home=${1:-${MSB_HOME:-$HOME/.msb}}
+    # shellcheck disable=SC2088  # the literal "~" is what is being looked for
+    [[ $home == "~" || $home == "~/"* ]] && home=$HOME${home:1}
+    local dir
+    for dir in "$home"/sandboxes/*; do
+        [[ -d $dir ]] && printf '%s\n' "${dir##*/}"
     done
 }
 
@@ -61,6 +78,16 @@ _msb_files() {
 _msb_arguments() {
     local names=()
     case "$1 $2" in
+        "msb exec 1" | "msb logs 1" | "msb stop 1" | "msb start 1")
+            mapfile -t names < <(_msb_sandboxes "$home") ;;
+        "msb rm "*)
+            local name given
+            while IFS= read -r name; do
+                for given in "${positionals[@]}"; do
+                    [[ $name == "$given" ]] && continue 2
+                done
+                names+=("$name")
+            done < <(_msb_sandboxes "$home") ;;
         "msb store put 1")
             # A new name needs no completion; with --force the point is to replace one.
             [[ $force == 1 ]] && mapfile -t names < <(_msb_names "$home") ;;
@@ -91,6 +118,11 @@ _msb() {
         _msb_files -d
         return
     fi
+    # Options that take a file.
+    if [[ $prev == --kernel || $prev == --initrd || $prev == --disk ]]; then
+        _msb_files
+        return
+    fi
     if [[ $cur == --home=* ]]; then  # COMP_WORDBREAKS without "="
         cur=${cur#--home=}
         _msb_files -d
@@ -113,6 +145,11 @@ _msb() {
                     ((i++))
                     continue ;;
                 --home=*) home=${word#--home=}; continue ;;
+                # Options with a value: skip the value too.
+                --kernel | --initrd | --disk | --disk-size | --cmdline | --cpus | --memory | \
+                    --max-cpus | --max-memory | --env | --workdir | --timeout | --name)
+                    ((i++))
+                    continue ;;
                 -f | --force) force=1; continue ;;
                 -*) continue ;;
             esac

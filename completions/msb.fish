@@ -10,6 +10,14 @@
 # Every subcommand: parent path, name, description. The single list both offers subcommands and
 # tells __fish_msb_parse which words are subcommands.
 set -g __fish_msb_tree \
+    'msb' create 'Create a sandbox and boot it' \
+    'msb' exec 'Run a command in a sandbox' \
+    'msb' ls 'List sandboxes with their state' \
+    'msb' logs "Print a sandbox's console log" \
+    'msb' stop 'Power a sandbox off' \
+    'msb' start 'Boot a stopped sandbox again' \
+    'msb' rm 'Remove sandboxes and everything in their folders' \
+    'msb' run 'Create a sandbox, run one command in it, remove it' \
     'msb' store 'Inspect and maintain the content-addressed store' \
     'msb store' put 'Store a file under a name (chunked, deduplicated)' \
     'msb store' get 'Write a file stored under a name' \
@@ -45,6 +53,11 @@ function __fish_msb_parse
                     continue
                 case '--home=*'
                     set home (string replace -- --home= '' $token)
+                    continue
+                case --kernel --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus \
+                    --max-memory --env --workdir --timeout --name
+                    # An option with a value: skip the value too.
+                    set i (math $i + 1)
                     continue
                 case -f --force
                     set force 1
@@ -109,6 +122,21 @@ function __fish_msb_names
     end
 end
 
+# Existing sandboxes: the folders under sandboxes/, less the positional arguments already given.
+function __fish_msb_sandboxes
+    set -l state (__fish_msb_parse)
+    set -l home $state[2]
+    test -n "$home"; or set home $MSB_HOME
+    test -n "$home"; or set home ~/.msb
+    set home (string replace -r -- '^~(?=/|$)' $HOME $home)
+    for dir in $home/sandboxes/*
+        set -l name (string replace -r -- '.*/' '' $dir)
+        if test -d $dir; and not contains -- $name $state[4..-1]
+            echo $name
+        end
+    end
+end
+
 # No file names unless a FILE argument is expected.
 complete -c msb -f
 
@@ -126,6 +154,31 @@ complete -c msb -s h -l help -d 'Print help and exit'
 complete -c msb -n "__fish_msb_using msb" -l version -d 'Print the version and exit'
 
 # Options and arguments of each command.
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l kernel -r -F \
+    -d 'Kernel: a built-in name (testguest) or a file'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l initrd -r -F -d 'Initial ramdisk'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l disk -r -F -d 'Base disk image'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l disk-size -x \
+    -d 'Size of the blank disk in MiB'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l cmdline -x -d 'Kernel command line'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l cpus -x -d vCPUs
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l memory -x -d 'Memory in MiB'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l max-cpus -x \
+    -d 'vCPUs the VM is built for'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l max-memory -x \
+    -d 'Memory the VM is built for'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run' 'msb exec'" -l env -x -d KEY=VALUE
+complete -c msb -n "__fish_msb_using 'msb exec' 'msb run'" -l workdir -x -d 'Working directory'
+complete -c msb -n "__fish_msb_using 'msb exec' 'msb run' 'msb stop'" -l timeout -x -d Seconds
+complete -c msb -n "__fish_msb_using 'msb run'" -l name -x -d 'Name of the sandbox'
+complete -c msb -n "__fish_msb_arg 'msb exec' 1" -a '(__fish_msb_sandboxes)' -d Sandbox
+complete -c msb -n "__fish_msb_using 'msb ls'" -l json -d 'Print JSON'
+complete -c msb -n "__fish_msb_arg 'msb logs' 1" -a '(__fish_msb_sandboxes)' -d Sandbox
+complete -c msb -n "__fish_msb_using 'msb logs'" -s f -l follow -d 'Keep printing while it runs'
+complete -c msb -n "__fish_msb_arg 'msb stop' 1" -a '(__fish_msb_sandboxes)' -d Sandbox
+complete -c msb -n "__fish_msb_arg 'msb start' 1" -a '(__fish_msb_sandboxes)' -d Sandbox
+complete -c msb -n "__fish_msb_using 'msb rm'" -a '(__fish_msb_sandboxes)' -d Sandbox
+complete -c msb -n "__fish_msb_using 'msb rm'" -s f -l force -d 'Remove running sandboxes too'
 complete -c msb -n "__fish_msb_using 'msb store put'" -s f -l force \
     -d 'Replace the name if it exists'
 complete -c msb -n "__fish_msb_arg 'msb store put' 1; and __fish_msb_forced" \

@@ -157,6 +157,53 @@ TEST_CASE("a newer store is refused", "[cli]") {
   require_error(msb({"store", "ls"}), 1, "format version 7.1");
 }
 
+TEST_CASE("bad sandbox input gets a one-line error before anything starts", "[cli]") {
+  Msb msb;
+  TempDir files;
+  fs::path kernel = make_file(files, "kernel", 5, 4096);
+  std::string k = kernel.string();
+  for (const char* command : {"exec", "stop", "start", "logs", "rm"}) {
+    std::vector<std::string> args = {command, "nope"};
+    if (std::string(command) == "exec") args.push_back("echo");
+    require_error(msb(args), 1, "no sandbox \"nope\"");
+  }
+  require_error(msb({"create", "a/b", "--kernel", k}), 1, "invalid name \"a/b\"");
+  require_error(msb({"create", "..", "--kernel", k}), 1, "invalid name");
+  require_error(msb({"create", "box", "--kernel", k, "--memory", "lots"}), 1,
+                "--memory \"lots\": not a size in MiB");
+  require_error(msb({"create", "box", "--kernel", k, "--max-memory", "1T"}), 1, "--max-memory");
+  require_error(msb({"create", "box", "--kernel", k, "--disk-size", "-1"}), 1, "--disk-size");
+  require_error(msb({"create", "box", "--kernel", k, "--cpus", "two"}), 1,
+                "--cpus \"two\": not a whole number");
+  require_error(msb({"create", "box", "--kernel", k, "--cpus", "0"}), 1, "at least 1");
+  require_error(msb({"create", "box", "--kernel", k, "--cpus", "255"}), 1, "over the limit of 254");
+  require_error(msb({"create", "box", "--kernel", k, "--cpus", "4", "--max-cpus", "2"}), 1,
+                "--cpus 4 is over --max-cpus 2");
+  require_error(msb({"create", "box", "--kernel", k, "--memory", "512", "--max-memory", "256"}), 1,
+                "--memory 512 MiB is over --max-memory 256 MiB");
+  require_error(msb({"create", "box", "--kernel", k, "--env", "NOEQUALS"}), 1,
+                "--env \"NOEQUALS\": expected KEY=VALUE");
+  require_error(msb({"create", "box", "--kernel", (files / "missing").string()}), 1,
+                "kernel " + (files / "missing").string() + ": not found");
+  require_error(msb({"create", "box", "--kernel", k, "--initrd", (files / "gone").string()}), 1,
+                "initrd " + (files / "gone").string() + ": not found");
+  require_error(msb({"create", "box", "--kernel", k, "--disk", (files / "gone").string()}), 1,
+                "disk " + (files / "gone").string() + ": not found");
+  require_error(msb({"create", "box", "--kernel", k, "--disk", k, "--disk-size", "5"}), 1,
+                "--disk-size is for a blank disk");
+  require_error(msb({"create", "box", "--kernel", k}, {{"MSB_BOOT_TIMEOUT", "soon"}}), 1,
+                "MSB_BOOT_TIMEOUT");
+  require_error(msb({"run", "--kernel", k, "--timeout", "0", "--", "echo"}), 1,
+                "--timeout \"0\": not a positive number of seconds");
+  require_error(msb({"exec", "nope"}), 2, "COMMAND");
+
+  // None of them left a sandbox behind.
+  ProcessResult ls = msb({"ls", "--json"});
+  REQUIRE(ls.exit_code == 0);
+  REQUIRE(nlohmann::json::parse(ls.out).empty());
+  REQUIRE(msb({"ls"}).out.find("box") == std::string::npos);
+}
+
 TEST_CASE("help and version", "[cli]") {
   Msb msb;
   ProcessResult help = msb({"--help"});

@@ -76,6 +76,8 @@ ProcessResult run_process(const std::vector<std::string>& argv,
 
   ProcessResult result;
   size_t written = 0;
+  // Non-blocking, so that a write never waits for a child that is busy writing output itself.
+  ::fcntl(in[1], F_SETFL, O_NONBLOCK);
   if (input.empty()) {
     ::close(in[1]);
     in[1] = -1;
@@ -98,7 +100,7 @@ ProcessResult run_process(const std::vector<std::string>& argv,
     if (in[1] >= 0 && (fds[2].revents & (POLLOUT | POLLERR | POLLHUP))) {
       ssize_t n = ::write(in[1], input.data() + written, input.size() - written);
       if (n > 0) written += static_cast<size_t>(n);
-      if (n < 0 || written == input.size()) {
+      if ((n < 0 && errno != EAGAIN && errno != EINTR) || written == input.size()) {
         ::close(in[1]);
         in[1] = -1;
       }

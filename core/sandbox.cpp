@@ -1,0 +1,580 @@
+#include "core/sandbox.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "core/archive.h"
+#include "core/control_client.h"
+#include "core/control_protocol.h"
+#include "snapstore/error.h"
+#include "snapstore/file_util.h"
+#include "snapstore/name.h"
+
+namespace msb::core {
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using snapstore::UniqueFd;
+
+namespace {
+
+constexpr uint64_t kMaxMemoryMib = 1024 * 1024;  // 1 TiB
+constexpr uint64_t kMinMemoryMib = 16;
+constexpr size_t kConsoleTailLines = 20;
+
+fs::path sandboxes_dir(const Home& home) {
+  return home.root() / "sandboxes";
+}
+
+std::string in_quotes(std::string_view s) {
+  return "\"" + std::string(s) + "\"";
+}
+
+// Whether another process holds an flock on `path` (a missing file is not held).
+bool lock_held(const fs::path& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return false;
+  if (::flock(fd.get(), LOCK_SH | LOCK_NB) == 0) return false;  // released with fd
+  return errno == EWOULDBLOCK;
+}
+
+// Takes the sandbox's `lock` file: the claim of whoever creates or starts it.
+UniqueFd claim(const fs::path& dir, const std::string& name) {
+  UniqueFd fd(::open((dir / "lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (!fd) snapstore::throw_errno("cannot open " + (dir / "lock").string());
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    throw SandboxError("sandbox " + in_quotes(name) +
+                       " is being created or started by another msb");
+  }
+  return fd;
+}
+
+void write_json_file(const fs::path& path, const nlohmann::json& doc) {
+  fs::path temp = path.parent_path() / snapstore::unique_temp_name("." + path.filename().string());
+  {
+    UniqueFd fd = snapstore::open_file(AT_FDCWD, temp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    snapstore::write_all(fd.get(), doc.dump(2) + "\n", temp.string());
+  }
+  fs::rename(temp, path);
+}
+
+std::optional<nlohmann::json> read_json_file(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  auto doc = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded()) return std::nullopt;
+  return doc;
+}
+
+int read_pid(const fs::path& dir) {
+  std::ifstream in(dir / "pid");
+  int pid = 0;
+  in >> pid;
+  return pid > 0 ? pid : 0;
+}
+
+// Whether `pid` is this sandbox's VMM process (and not a stranger that reused the pid).
+bool is_vmm_of(int pid, const fs::path& dir) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
+  std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return cmdline.find(std::string("__vmm") + '\0' + dir.string()) != std::string::npos;
+}
+
+bool vmm_running(const fs::path& dir) {
+  return lock_held(dir / "vmm.lock");
+}
+
+// Kills the VMM process and waits for it to be gone (its vmm.lock released).
+void kill_vmm(const fs::path& dir, int pid) {
+  if (pid > 0 && is_vmm_of(pid, dir)) ::kill(pid, SIGKILL);
+  auto deadline = Clock::now() + std::chrono::seconds(10);
+  while (vmm_running(dir) && Clock::now() < deadline) {
+    if (pid > 0) ::waitpid(pid, nullptr, WNOHANG);  // reaps it if it is this process's child
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  if (pid > 0) ::waitpid(pid, nullptr, WNOHANG);
+}
+
+// The last lines of the console log, indented, for error messages.
+std::string console_tail(const fs::path& dir) {
+  std::ifstream in(dir / "console.log", std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r'))
+    text.pop_back();
+  if (text.empty()) return "\n  (the console log is empty)";
+  size_t start = text.size(), lines = 0;
+  while (start > 0 && lines < kConsoleTailLines) {
+    start = text.rfind('\n', start - 1);
+    if (start == std::string::npos) {
+      start = 0;
+      break;
+    }
+    ++lines;
+  }
+  std::string tail = text.substr(start == 0 ? 0 : start + 1), out;
+  out = "\nlast lines of the console log:";
+  size_t pos = 0;
+  while (pos <= tail.size()) {
+    size_t end = tail.find('\n', pos);
+    if (end == std::string::npos) end = tail.size();
+    out += "\n  " + tail.substr(pos, end - pos);
+    pos = end + 1;
+  }
+  return out;
+}
+
+// Why the VMM process stopped, from exit.json, for messages: "triple-fault: vCPU 0 ...".
+std::string exit_reason(const fs::path& dir) {
+  auto doc = read_json_file(dir / "exit.json");
+  if (!doc) return "the VMM process ended without recording why";
+  std::string reason = doc->value("reason", std::string("unknown"));
+  std::string detail = doc->value("detail", std::string());
+  return detail.empty() ? reason : reason + ": " + detail;
+}
+
+fs::path self_executable() {
+  return fs::read_symlink("/proc/self/exe");
+}
+
+// Starts `msb __vmm DIR` detached: its own session, stdin from /dev/null, output to vmm.log,
+// no descriptor of this process. Returns its pid (a child of this process until it exits).
+int spawn_vmm(const fs::path& dir) {
+  std::string exe = self_executable().string();
+  std::string dir_arg = dir.string();
+  std::string log = (dir / "vmm.log").string();
+  pid_t pid = ::fork();
+  if (pid < 0) snapstore::throw_errno("fork");
+  if (pid == 0) {
+    ::setsid();
+    int null_fd = ::open("/dev/null", O_RDONLY);
+    int log_fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+    if (null_fd < 0 || log_fd < 0) ::_exit(127);
+    ::dup2(null_fd, 0);
+    ::dup2(log_fd, 1);
+    ::dup2(log_fd, 2);
+    ::close_range(3, ~0U, 0);
+    char* argv[] = {const_cast<char*>("msb"), const_cast<char*>("__vmm"), dir_arg.data(), nullptr};
+    ::execv(exe.c_str(), argv);
+    ::_exit(127);
+  }
+  return pid;
+}
+
+std::chrono::seconds boot_timeout() {
+  const char* env = std::getenv("MSB_BOOT_TIMEOUT");
+  if (!env || !*env) return std::chrono::seconds(60);
+  unsigned value = 0;
+  auto [end, ec] = std::from_chars(env, env + std::strlen(env), value);
+  if (ec != std::errc() || *end != '\0' || value == 0) {
+    throw SandboxError("MSB_BOOT_TIMEOUT=" + in_quotes(env) +
+                       " is not a positive number of seconds");
+  }
+  return std::chrono::seconds(value);
+}
+
+// Waits for the VMM process `pid` (just spawned) to report the guest's agent ready. On failure,
+// makes sure the process is gone and throws with the reason and the console's last lines.
+void wait_ready(const std::string& name, const fs::path& dir, int pid, bool record_failure) {
+  auto timeout = boot_timeout();
+  auto deadline = Clock::now() + timeout;
+  std::string failure;
+  bool exited = false;
+  auto child_exited = [&] {
+    if (!exited && ::waitpid(pid, nullptr, WNOHANG) == pid) exited = true;
+    return exited;
+  };
+  std::optional<ControlConnection> connection;
+  while (!connection && !failure.size()) {
+    if (child_exited()) {
+      failure = exit_reason(dir);
+    } else if (Clock::now() >= deadline) {
+      failure = "the VMM process did not open its control socket within " +
+                std::to_string(timeout.count()) + " s";
+    } else if (UniqueFd fd = connect_unix(dir / "control.sock")) {
+      connection.emplace(std::move(fd));
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  if (connection) {
+    try {
+      connection->send_request({{"op", "wait_ready"}});
+      bool timed_out = false;
+      auto frame = connection->read_frame(deadline, &timed_out);
+      if (frame && frame->type == control::kResponse) {
+        auto body = nlohmann::json::parse(frame->payload, nullptr, false);
+        if (body.is_object() && body.value("ready", false)) return;
+        failure = body.is_object() ? body.value("error", std::string("unexpected response"))
+                                   : "unexpected response";
+      } else if (timed_out) {
+        failure = "the guest's agent did not answer within " + std::to_string(timeout.count()) +
+                  " s (MSB_BOOT_TIMEOUT sets the limit)";
+      } else {
+        // The VMM closed the connection: it is exiting, and exit.json says why.
+        auto until = Clock::now() + std::chrono::seconds(5);
+        while (!child_exited() && vmm_running(dir) && Clock::now() < until)
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        failure = exit_reason(dir);
+      }
+    } catch (const snapstore::StoreError& e) {
+      failure = e.what();
+    }
+  }
+  kill_vmm(dir, pid);
+  ::waitpid(pid, nullptr, 0);
+  if (record_failure && !fs::exists(dir / "exit.json")) {
+    write_json_file(dir / "exit.json", {{"state", "failed"},
+                                        {"reason", "boot-failed"},
+                                        {"detail", failure},
+                                        {"time", utc_timestamp()}});
+  }
+  throw SandboxError("sandbox " + in_quotes(name) + " did not start: " + failure +
+                     console_tail(dir));
+}
+
+// The path of a built-in kernel (beside msb, then in ../libexec/msb) or of a kernel file.
+std::string resolve_kernel(const std::string& kernel) {
+  if (kernel.find('/') == std::string::npos && kernel == kDefaultKernel) {
+    fs::path bin = self_executable().parent_path();
+    for (const fs::path& candidate : {bin / kernel, bin / ".." / "libexec" / "msb" / kernel}) {
+      if (fs::is_regular_file(candidate)) return fs::weakly_canonical(candidate).string();
+    }
+    throw SandboxError("built-in kernel " + in_quotes(kernel) + " not found beside " +
+                       bin.string() + "/msb or in " + (bin / ".." / "libexec" / "msb").string());
+  }
+  return kernel;
+}
+
+std::string existing_file(std::string_view what, const std::string& path) {
+  std::error_code ec;
+  auto status = fs::status(path, ec);
+  if (ec || !fs::exists(status)) throw SandboxError(std::string(what) + " " + path + ": not found");
+  if (!fs::is_regular_file(status) && !fs::is_block_file(status)) {
+    throw SandboxError(std::string(what) + " " + path + ": not a regular file");
+  }
+  if (::access(path.c_str(), R_OK) != 0) {
+    throw SandboxError(std::string(what) + " " + path + ": " + std::strerror(errno));
+  }
+  return fs::absolute(path).lexically_normal().string();
+}
+
+// Checks the options and returns the config.json the VMM process reads.
+nlohmann::json make_config(const CreateOptions& options) {
+  snapstore::check_name(options.name);
+  unsigned max_cpus = options.max_cpus.value_or(options.cpus);
+  uint64_t max_memory = options.max_memory_mib.value_or(options.memory_mib);
+  if (options.cpus == 0) throw SandboxError("--cpus must be at least 1");
+  if (max_cpus > kMaxCpus) {
+    throw SandboxError("--max-cpus " + std::to_string(max_cpus) + " is over the limit of " +
+                       std::to_string(kMaxCpus));
+  }
+  if (options.cpus > kMaxCpus) {
+    throw SandboxError("--cpus " + std::to_string(options.cpus) + " is over the limit of " +
+                       std::to_string(kMaxCpus));
+  }
+  if (options.cpus > max_cpus) {
+    throw SandboxError("--cpus " + std::to_string(options.cpus) + " is over --max-cpus " +
+                       std::to_string(max_cpus));
+  }
+  if (options.memory_mib < kMinMemoryMib) {
+    throw SandboxError("--memory must be at least " + std::to_string(kMinMemoryMib) + " MiB");
+  }
+  if (options.memory_mib > max_memory) {
+    throw SandboxError("--memory " + std::to_string(options.memory_mib) +
+                       " MiB is over --max-memory " + std::to_string(max_memory) + " MiB");
+  }
+  if (max_memory > kMaxMemoryMib) {
+    throw SandboxError("--max-memory " + std::to_string(max_memory) + " MiB is over the limit of " +
+                       std::to_string(kMaxMemoryMib) + " MiB");
+  }
+  if (options.disk.empty() && options.disk_size_mib == 0) {
+    throw SandboxError("--disk-size must be at least 1 MiB");
+  }
+  for (const auto& entry : options.env)
+    check_env_entry("--env", entry);
+  nlohmann::json config = {
+      {"name", options.name},
+      {"kernel", existing_file("kernel", resolve_kernel(options.kernel))},
+      {"kernel_name", options.kernel},
+      {"initrd", options.initrd.empty() ? "" : existing_file("initrd", options.initrd)},
+      {"disk", options.disk.empty() ? "" : existing_file("disk", options.disk)},
+      {"disk_size_mib", options.disk_size_mib},
+      {"cmdline", options.cmdline},
+      {"cpus", options.cpus},
+      {"max_cpus", max_cpus},
+      {"memory_mib", options.memory_mib},
+      {"max_memory_mib", max_memory},
+      {"env", options.env},
+      {"created", utc_timestamp()}};
+  return config;
+}
+
+std::string random_suffix() {
+  std::random_device rd;
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%08x", rd());
+  return buf;
+}
+
+}  // namespace
+
+uint64_t parse_mib(std::string_view flag, std::string_view text) {
+  uint64_t value = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  std::string_view unit = text.substr(static_cast<size_t>(end - text.data()));
+  uint64_t scale = 0;
+  if (unit.empty() || unit == "M" || unit == "MiB") scale = 1;
+  if (unit == "G" || unit == "GiB") scale = 1024;
+  if (ec != std::errc() || end == text.data() || scale == 0 || value > (UINT64_MAX >> 20) / scale) {
+    throw SandboxError(std::string(flag) + " " + in_quotes(text) +
+                       ": not a size in MiB (examples: 512, 512M, 2G)");
+  }
+  return value * scale;
+}
+
+unsigned parse_count(std::string_view flag, std::string_view text) {
+  unsigned value = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || text.empty()) {
+    throw SandboxError(std::string(flag) + " " + in_quotes(text) + ": not a whole number");
+  }
+  return value;
+}
+
+void check_env_entry(std::string_view flag, std::string_view entry) {
+  size_t eq = entry.find('=');
+  if (eq == std::string_view::npos || eq == 0 || entry.find('\0') != std::string_view::npos) {
+    throw SandboxError(std::string(flag) + " " + in_quotes(entry) + ": expected KEY=VALUE");
+  }
+}
+
+int ExecResult::exit_status() const {
+  if (timed_out) return 124;
+  if (signal > 0) return 128 + signal;
+  return code;
+}
+
+Sandbox Sandbox::create(const Home& home, const CreateOptions& options) {
+  nlohmann::json config = make_config(options);
+  boot_timeout();  // a bad MSB_BOOT_TIMEOUT fails before anything is made
+  fs::create_directories(sandboxes_dir(home));
+  fs::path dir = sandboxes_dir(home) / options.name;
+  // mkdir is the claim on the name: of two msb creating it at once, one gets EEXIST.
+  if (::mkdir(dir.c_str(), 0700) != 0) {
+    if (errno == EEXIST)
+      throw SandboxError("sandbox " + in_quotes(options.name) + " already exists");
+    snapstore::throw_errno("cannot create " + dir.string());
+  }
+  Sandbox sandbox(options.name, dir);
+  try {
+    UniqueFd lock = claim(dir, options.name);
+    write_json_file(dir / "config.json", config);
+    int pid = spawn_vmm(dir);
+    wait_ready(options.name, dir, pid, /*record_failure=*/false);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    throw;
+  }
+  return sandbox;
+}
+
+Sandbox Sandbox::open(const Home& home, const std::string& name) {
+  if (snapstore::name_problem(name) || !fs::is_directory(sandboxes_dir(home) / name)) {
+    throw SandboxError("no sandbox " + in_quotes(name));
+  }
+  return Sandbox(name, sandboxes_dir(home) / name);
+}
+
+std::vector<SandboxInfo> Sandbox::list(const Home& home) {
+  std::vector<SandboxInfo> out;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(sandboxes_dir(home), ec)) {
+    std::string name = entry.path().filename().string();
+    // Folders being removed are renamed to ".removing-..." first; they are not sandboxes.
+    if (snapstore::name_problem(name) || !entry.is_directory()) continue;
+    out.push_back(Sandbox(name, entry.path()).info());
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  return out;
+}
+
+SandboxInfo Sandbox::info() const {
+  SandboxInfo info;
+  info.name = name_;
+  if (auto config = read_json_file(dir_ / "config.json")) {
+    info.cpus = config->value("cpus", 0u);
+    info.max_cpus = config->value("max_cpus", 0u);
+    info.memory_mib = config->value("memory_mib", uint64_t{0});
+    info.max_memory_mib = config->value("max_memory_mib", uint64_t{0});
+    info.kernel = config->value("kernel_name", std::string());
+    info.created = config->value("created", std::string());
+  }
+  bool claimed = lock_held(dir_ / "lock");
+  if (vmm_running(dir_)) {
+    info.state = claimed ? "starting" : "running";
+    info.pid = read_pid(dir_);
+    struct stat st;
+    if (::stat((dir_ / "pid").c_str(), &st) == 0) {
+      timespec now;
+      ::clock_gettime(CLOCK_REALTIME, &now);
+      info.uptime =
+          double(now.tv_sec - st.st_mtim.tv_sec) + double(now.tv_nsec - st.st_mtim.tv_nsec) / 1e9;
+    }
+  } else if (claimed) {
+    info.state = "starting";
+  } else if (auto exit = read_json_file(dir_ / "exit.json")) {
+    info.state = exit->value("state", std::string("failed"));
+    info.reason = exit->value("reason", std::string("unknown"));
+    info.detail = exit->value("detail", std::string());
+  } else if (int pid = read_pid(dir_)) {
+    info.state = "failed";
+    info.reason = "killed";
+    info.detail = "the VMM process (pid " + std::to_string(pid) +
+                  ") ended without recording why: killed by a signal?";
+  } else {
+    info.state = "failed";
+    info.reason = "not-started";
+    info.detail = "its VMM process never started (an interrupted msb create?)";
+  }
+  return info;
+}
+
+ExecResult Sandbox::exec(const ExecOptions& options, const ExecIo& io) const {
+  if (options.argv.empty()) throw SandboxError("exec needs a command");
+  for (const auto& entry : options.env)
+    check_env_entry("--env", entry);
+  UniqueFd fd = connect_unix(dir_ / "control.sock");
+  if (!fd) {
+    SandboxInfo now = info();
+    throw SandboxError("sandbox " + in_quotes(name_) + " is not running (" + now.state +
+                       (now.reason.empty() ? "" : ": " + now.reason) + ")");
+  }
+  ControlConnection connection(std::move(fd));
+  auto result = connection.exec(options, io);
+  if (!result) {
+    // The VMM closed the stream without an exit: it stopped. Give it a moment to say why.
+    auto until = Clock::now() + std::chrono::seconds(5);
+    while (vmm_running(dir_) && Clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    throw SandboxError("sandbox " + in_quotes(name_) + " stopped while the command ran (" +
+                       exit_reason(dir_) + ")");
+  }
+  return *result;
+}
+
+void Sandbox::stop(std::chrono::milliseconds timeout) const {
+  if (!vmm_running(dir_)) {
+    throw SandboxError("sandbox " + in_quotes(name_) + " is not running (" + info().state + ")");
+  }
+  int pid = read_pid(dir_);
+  if (UniqueFd fd = connect_unix(dir_ / "control.sock")) {
+    ControlConnection connection(std::move(fd));
+    try {
+      connection.send_request({{"op", "stop"}, {"timeout_ms", timeout.count()}});
+      // The VMM keeps the connection open until it exits; it stops the machine itself after the
+      // timeout, so only a wedged VMM makes this wait run out.
+      auto deadline = Clock::now() + timeout + std::chrono::seconds(5);
+      while (connection.read_frame(deadline)) {
+      }
+    } catch (const snapstore::StoreError&) {
+      // It went away while we asked: fine, it is stopping.
+    }
+  }
+  auto until = Clock::now() + std::chrono::seconds(2);
+  while (vmm_running(dir_) && Clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  if (vmm_running(dir_)) {
+    kill_vmm(dir_, pid);
+    write_json_file(dir_ / "exit.json",
+                    {{"state", "stopped"},
+                     {"reason", "killed-by-stop"},
+                     {"detail", "the VMM process did not stop in time; msb stop killed it"},
+                     {"time", utc_timestamp()}});
+  }
+  if (pid > 0) ::waitpid(pid, nullptr, WNOHANG);
+}
+
+void Sandbox::start() const {
+  UniqueFd lock = claim(dir_, name_);
+  if (vmm_running(dir_)) throw SandboxError("sandbox " + in_quotes(name_) + " is already running");
+  if (!fs::exists(dir_ / "config.json")) {
+    throw SandboxError("sandbox " + in_quotes(name_) +
+                       " has no config.json: remove it with msb rm");
+  }
+  std::error_code ec;
+  fs::remove(dir_ / "exit.json", ec);
+  int pid = spawn_vmm(dir_);
+  wait_ready(name_, dir_, pid, /*record_failure=*/true);
+}
+
+void Sandbox::remove(bool force) const {
+  if (vmm_running(dir_) || lock_held(dir_ / "lock")) {
+    if (!force) {
+      throw SandboxError("sandbox " + in_quotes(name_) +
+                         " is running (stop it first, or use --force)");
+    }
+    kill_vmm(dir_, read_pid(dir_));
+  }
+  // Renaming is the claim: of two msb removing it at once, one finds it gone.
+  fs::path trash = dir_.parent_path() / (".removing-" + name_ + "-" + random_suffix());
+  if (::rename(dir_.c_str(), trash.c_str()) != 0) {
+    if (errno == ENOENT) throw SandboxError("no sandbox " + in_quotes(name_));
+    snapstore::throw_errno("cannot remove " + dir_.string());
+  }
+  fs::remove_all(trash);
+}
+
+void Sandbox::logs(bool follow, const std::function<void(std::string_view)>& out) const {
+  UniqueFd fd(::open((dir_ / "console.log").c_str(), O_RDONLY | O_CLOEXEC));
+  char buf[65536];
+  for (;;) {
+    ssize_t n = fd ? ::read(fd.get(), buf, sizeof buf) : 0;
+    if (n > 0) {
+      out(std::string_view(buf, static_cast<size_t>(n)));
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (!follow) return;
+    // At the end for now: wait for more while the sandbox runs (one last read after it stops).
+    bool running = vmm_running(dir_) || lock_held(dir_ / "lock");
+    if (!fd) fd.reset(::open((dir_ / "console.log").c_str(), O_RDONLY | O_CLOEXEC));
+    if (!running) {
+      while (fd && (n = ::read(fd.get(), buf, sizeof buf)) > 0)
+        out(std::string_view(buf, static_cast<size_t>(n)));
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+ExecResult run_once(const Home& home, CreateOptions options, const ExecOptions& exec,
+                    const ExecIo& io) {
+  if (options.name.empty()) options.name = "run-" + random_suffix();
+  if (exec.argv.empty()) throw SandboxError("run needs a command");
+  Sandbox sandbox = Sandbox::create(home, options);
+  ExecResult result;
+  try {
+    result = sandbox.exec(exec, io);
+  } catch (...) {
+    sandbox.remove(/*force=*/true);
+    throw;
+  }
+  sandbox.remove(/*force=*/true);
+  return result;
+}
+
+}  // namespace msb::core

@@ -1,0 +1,143 @@
+// Sandboxes: microVMs that each live in their own detached VMM process (msb itself in a hidden
+// mode, see core/vmm_process.h), found through their folder $MSB_HOME/sandboxes/NAME:
+//
+//   config.json    what msb create was given (resolved paths, sizes, environment)
+//   lock           held (flock) by the msb that is creating or starting the sandbox
+//   vmm.lock       held by the VMM process for as long as it lives: "running" means held
+//   pid            the VMM process's pid (its mtime is when it started)
+//   control.sock   the VMM process's control socket (the folder is 0700, the socket 0600)
+//   console.log    the guest's serial output
+//   disk.overlay   the sandbox's writable disk layer over the read-only base image
+//   exit.json      why the VMM process last stopped: {"state", "reason", "detail", "time"}
+//   vmm.log        the VMM process's own messages
+//
+// No msb command holds VM state: every command finds the sandbox through its folder.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/home.h"
+
+namespace msb::core {
+
+// A sandbox that cannot be created, found, started or used, with which one and why.
+class SandboxError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+inline constexpr unsigned kMaxCpus = 254;
+inline constexpr const char* kDefaultKernel = "testguest";
+// Serial console; i8042 reset as the way to reboot (msb treats it as power-off); reboot on panic.
+inline constexpr const char* kDefaultCmdline = "console=ttyS0 reboot=k panic=-1";
+
+// What `msb create` is given. Setters chain: CreateOptions().named("a").with_cpus(2).
+struct CreateOptions {
+  std::string name;
+  std::string kernel = kDefaultKernel;  // a built-in kernel's name, or a path
+  std::string initrd;                   // "" for none
+  std::string disk;                     // base image; "" for a blank disk of disk_size_mib
+  uint64_t disk_size_mib = 1024;
+  std::string cmdline = kDefaultCmdline;
+  unsigned cpus = 1;
+  std::optional<unsigned> max_cpus;  // default: cpus
+  uint64_t memory_mib = 256;
+  std::optional<uint64_t> max_memory_mib;  // default: memory_mib
+  std::vector<std::string> env;            // "K=V", the sandbox's environment
+
+  CreateOptions& named(std::string value) { return name = std::move(value), *this; }
+  CreateOptions& with_kernel(std::string value) { return kernel = std::move(value), *this; }
+  CreateOptions& with_disk(std::string value) { return disk = std::move(value), *this; }
+  CreateOptions& with_cpus(unsigned value) { return cpus = value, *this; }
+  CreateOptions& with_memory_mib(uint64_t value) { return memory_mib = value, *this; }
+  CreateOptions& with_env(std::string entry) { return env.push_back(std::move(entry)), *this; }
+};
+
+// "512", "512M", "512MiB", "2G", "2GiB" as MiB; throws SandboxError naming `flag` otherwise.
+uint64_t parse_mib(std::string_view flag, std::string_view text);
+// A whole number; throws SandboxError naming `flag` otherwise.
+unsigned parse_count(std::string_view flag, std::string_view text);
+// "K=V" with a non-empty K; throws SandboxError naming `flag` otherwise.
+void check_env_entry(std::string_view flag, std::string_view entry);
+
+struct ExecOptions {
+  std::vector<std::string> argv;
+  std::vector<std::string> env;  // "K=V", over the sandbox's
+  std::string workdir;
+  std::chrono::milliseconds timeout{0};  // 0: none
+};
+
+// Where an exec's output goes and its input comes from.
+struct ExecIo {
+  std::function<void(std::string_view)> on_stdout;
+  std::function<void(std::string_view)> on_stderr;
+  int stdin_fd = -1;  // read to its end and forwarded; -1: no input (end of input at once)
+};
+
+struct ExecResult {
+  int code = 0;    // exit code, -1 when a signal ended it
+  int signal = 0;  // the signal that ended it, 0 if it exited
+  bool timed_out = false;
+  // What a shell would report: the code, 128+N for signal N, 124 for a timeout.
+  int exit_status() const;
+};
+
+struct SandboxInfo {
+  std::string name;
+  std::string state;  // "running", "starting", "stopped" or "failed"
+  int pid = 0;        // while running
+  unsigned cpus = 0, max_cpus = 0;
+  uint64_t memory_mib = 0, max_memory_mib = 0;
+  std::string kernel;
+  std::string created;           // ISO 8601 UTC
+  std::optional<double> uptime;  // seconds, while running
+  std::string reason;            // why it stopped: "powered-off", "killed", "triple-fault", ...
+  std::string detail;
+};
+
+class Sandbox {
+ public:
+  // Creates the sandbox's folder, starts its VMM process and returns once the guest's agent
+  // answered. On failure, nothing is left behind (no folder, no process), and the error says why
+  // with the console log's last lines. The wait is MSB_BOOT_TIMEOUT seconds (default 60).
+  static Sandbox create(const Home& home, const CreateOptions& options);
+  // An existing sandbox; throws SandboxError if there is none of that name.
+  static Sandbox open(const Home& home, const std::string& name);
+  static std::vector<SandboxInfo> list(const Home& home);
+
+  const std::string& name() const { return name_; }
+  const std::filesystem::path& dir() const { return dir_; }
+  SandboxInfo info() const;
+
+  ExecResult exec(const ExecOptions& options, const ExecIo& io) const;
+  // Asks the guest to power off; kills the VMM process if it has not stopped after `timeout`.
+  void stop(std::chrono::milliseconds timeout) const;
+  // Boots a stopped or failed sandbox again on its own disk overlay; returns once it is ready.
+  void start() const;
+  // Removes the sandbox's folder. A running sandbox is refused unless `force`, which kills it.
+  void remove(bool force) const;
+
+  // The console log; with `follow`, keeps printing what the guest writes until the VMM exits.
+  void logs(bool follow, const std::function<void(std::string_view)>& out) const;
+
+ private:
+  Sandbox(std::string name, std::filesystem::path dir)
+      : name_(std::move(name)), dir_(std::move(dir)) {}
+  std::string name_;
+  std::filesystem::path dir_;
+};
+
+// Creates a sandbox (named run-XXXXXXXX when options.name is empty), runs one command in it and
+// removes it, whatever happened. Returns the command's result.
+ExecResult run_once(const Home& home, CreateOptions options, const ExecOptions& exec,
+                    const ExecIo& io);
+
+}  // namespace msb::core

@@ -1,0 +1,301 @@
+// vmm tier: sandboxes end to end. Runs the real msb binary, which boots msb's test guest in a
+// detached VMM process; every check is on what a user sees (output, exit codes, files). Each test
+// exits 77 with the reason printed where /dev/kvm is missing.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include "guest/protocol/pattern.h"
+#include "tests/support.h"
+
+using msb::test::ProcessResult;
+using msb::test::TempDir;
+namespace fs = std::filesystem;
+
+namespace {
+
+void require_kvm() {
+  int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    std::printf("SKIPPED: /dev/kvm cannot be opened (%s): sandboxes need KVM\n",
+                std::strerror(errno));
+    std::exit(77);
+  }
+  ::close(fd);
+}
+
+struct Msb {
+  TempDir home;
+  Msb() { require_kvm(); }
+  ~Msb() {
+    // Leave no VMM process behind, whatever a failed check skipped.
+    run_process({MSB_BINARY, "rm", "--force", "--quiet", "box"});
+  }
+  ProcessResult run_process(std::vector<std::string> args, const std::string& input = "") {
+    return msb::test::run_process(args, {{"MSB_HOME", home.path().string()}}, input);
+  }
+  ProcessResult operator()(std::vector<std::string> args, const std::string& input = "") {
+    args.insert(args.begin(), MSB_BINARY);
+    return run_process(args, input);
+  }
+  // `msb exec box ARGS...`, which must succeed.
+  std::string exec(std::vector<std::string> args, const std::string& input = "") {
+    args.insert(args.begin(), {"exec", "box", "--"});
+    ProcessResult r = (*this)(args, input);
+    INFO("msb " << args[3] << ": exit " << r.exit_code << ", stderr: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    REQUIRE(r.err.empty());
+    return r.out;
+  }
+  nlohmann::json ls() {
+    ProcessResult r = (*this)({"ls", "--json"});
+    REQUIRE(r.exit_code == 0);
+    return nlohmann::json::parse(r.out);
+  }
+  fs::path dir(const std::string& name) { return home / "sandboxes" / name; }
+};
+
+void require_ok(const ProcessResult& r) {
+  INFO("exit " << r.exit_code << ", stdout: " << r.out << ", stderr: " << r.err);
+  REQUIRE(r.exit_code == 0);
+}
+
+// Errors are one line, "msb: error: ...", naming what was wrong.
+void require_error(const ProcessResult& r, const std::string& needle) {
+  INFO("stderr: " << r.err);
+  REQUIRE(r.exit_code == 1);
+  REQUIRE_THAT(r.err, Catch::StartsWith("msb: error: ") && Catch::Contains(needle));
+  REQUIRE(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+}
+
+// What the test guest prints for a checksum: 16 hex digits and a newline.
+std::string checksum_line(uint64_t seed, uint64_t mib) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%016" PRIx64 "\n",
+                msb::pattern::pattern_checksum(seed, mib << 17));
+  return buf;
+}
+
+std::string pattern_bytes(uint64_t seed, size_t size) {
+  std::string out(size, '\0');
+  for (size_t i = 0; i * 8 < size; ++i) {
+    uint64_t word = msb::pattern::pattern_word(seed, i);
+    std::memcpy(out.data() + i * 8, &word, std::min<size_t>(8, size - i * 8));
+  }
+  return out;
+}
+
+// Where two byte strings first differ (Catch would print megabytes for a plain ==), or -1.
+long first_difference(const std::string& a, const std::string& b) {
+  auto [ia, ib] = std::mismatch(a.begin(), a.end(), b.begin(), b.end());
+  return ia == a.end() && ib == b.end() ? -1 : long(ia - a.begin());
+}
+
+bool process_exists(int pid) {
+  return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
+
+}  // namespace
+
+TEST_CASE("a sandbox boots the test guest and runs every command", "[sandbox]") {
+  Msb msb;
+  require_ok(msb({"create", "box", "--cpus", "2", "--memory", "128", "--env", "GREETING=hi"}));
+
+  ProcessResult echo = msb({"exec", "box", "--", "echo", "hello", "world"});
+  require_ok(echo);
+  REQUIRE(echo.out == "hello world\n");
+  REQUIRE(echo.err.empty());
+
+  std::string env = msb.exec({"env"});
+  REQUIRE_THAT(env, Catch::Contains("GREETING=hi\n"));
+  ProcessResult env2 = msb({"exec", "--env", "EXTRA=1", "box", "--", "env"});
+  require_ok(env2);
+  REQUIRE_THAT(env2.out, Catch::Contains("GREETING=hi\n") && Catch::Contains("EXTRA=1\n"));
+
+  REQUIRE(msb.exec({"cpus"}) == "2\n");
+  uint64_t ticks1 = std::stoull(msb.exec({"ticks"}));
+  uint64_t ticks2 = std::stoull(msb.exec({"ticks"}));
+  REQUIRE(ticks2 >= ticks1);
+
+  REQUIRE(msb.exec({"fill", "4", "77"}) == checksum_line(77, 4));
+  REQUIRE(msb.exec({"sum", "4"}) == checksum_line(77, 4));
+  REQUIRE(msb.exec({"disk-write", "2", "5"}) == checksum_line(5, 2));
+  REQUIRE(msb.exec({"disk-read", "2"}) == checksum_line(5, 2));
+
+  std::string out = msb.exec({"out", "8", "11"});
+  REQUIRE(out.size() == 8u << 20);
+  REQUIRE(first_difference(out, pattern_bytes(11, 8 << 20)) == -1);
+
+  // Through a file: run_process writes its input with one blocking write, which would wait for
+  // msb to read it all while msb waits for its output to be read.
+  std::string input = pattern_bytes(3, 3 * 1024 * 1024 + 13);
+  TempDir files;
+  msb::test::write_text(files / "input", input);
+  ProcessResult cat_run =
+      msb.run_process({"/bin/bash", "-c",
+                       "'" MSB_BINARY "' exec box -- cat < '" + (files / "input").string() + "'"});
+  require_ok(cat_run);
+  const std::string& cat = cat_run.out;
+  REQUIRE(cat.size() == input.size());
+  REQUIRE(first_difference(cat, input) == -1);
+
+  REQUIRE(msb({"exec", "box", "--", "exit", "0"}).exit_code == 0);
+  REQUIRE(msb({"exec", "box", "--", "exit", "3"}).exit_code == 3);
+  ProcessResult unknown = msb({"exec", "box", "--", "frobnicate"});
+  REQUIRE(unknown.exit_code == 127);
+  REQUIRE(unknown.out.empty());
+  REQUIRE_THAT(unknown.err, Catch::Contains("frobnicate"));
+
+  // The test guest's cat honours the timeout; msb reports it as 124.
+  ProcessResult timed = msb.run_process(
+      {"/bin/bash", "-c", "sleep 3 | '" MSB_BINARY "' exec --timeout 1 box -- cat"});
+  REQUIRE(timed.exit_code == 124);
+
+  auto ls = msb.ls();
+  REQUIRE(ls.size() == 1);
+  REQUIRE(ls[0]["name"] == "box");
+  REQUIRE(ls[0]["state"] == "running");
+  REQUIRE(ls[0]["cpus"] == 2);
+  REQUIRE(ls[0]["memory_mib"] == 128);
+  REQUIRE(ls[0]["uptime_s"].get<double>() >= 0);
+  int pid = ls[0]["pid"];
+  REQUIRE(process_exists(pid));
+  REQUIRE_THAT(msb({"ls"}).out, Catch::Contains("box") && Catch::Contains("running"));
+
+  // The control socket and the folder are the owner's alone.
+  REQUIRE((fs::status(msb.dir("box")).permissions() & fs::perms::all) == fs::perms::owner_all);
+  REQUIRE((fs::status(msb.dir("box") / "control.sock").permissions() &
+           (fs::perms::group_all | fs::perms::others_all)) == fs::perms::none);
+
+  ProcessResult logs = msb({"logs", "box"});
+  require_ok(logs);
+  REQUIRE(logs.out == msb::test::read_text(msb.dir("box") / "console.log"));
+  REQUIRE_FALSE(logs.out.empty());
+
+  require_error(msb({"create", "box"}), "sandbox \"box\" already exists");
+  require_error(msb({"start", "box"}), "already running");
+  require_error(msb({"rm", "box"}), "is running");
+  require_ok(msb({"rm", "--force", "box"}));
+  REQUIRE(msb.ls().empty());
+  REQUIRE_FALSE(fs::exists(msb.dir("box")));
+  for (int i = 0; i < 1000 && process_exists(pid); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  REQUIRE_FALSE(process_exists(pid));
+}
+
+TEST_CASE("disk writes survive stop and start while the base image stays unchanged", "[sandbox]") {
+  Msb msb;
+  TempDir files;
+  fs::path base = files / "base.img";
+  std::string base_bytes = pattern_bytes(99, 8 << 20);
+  msb::test::write_text(base, base_bytes);
+
+  require_ok(msb({"create", "box", "--disk", base.string(), "--memory", "64"}));
+  REQUIRE(msb.exec({"disk-read", "8"}) == checksum_line(99, 8));  // the base shows through
+  REQUIRE(msb.exec({"disk-write", "2", "6"}) == checksum_line(6, 2));
+
+  ProcessResult stop = msb({"stop", "box"});
+  require_ok(stop);
+  auto ls = msb.ls();
+  REQUIRE(ls[0]["state"] == "stopped");
+  REQUIRE(ls[0]["reason"] == "powered-off");
+  REQUIRE(ls[0]["pid"].is_null());
+  require_error(msb({"exec", "box", "--", "echo"}), "sandbox \"box\" is not running (stopped");
+  require_error(msb({"stop", "box"}), "is not running");
+
+  require_ok(msb({"start", "box"}));
+  REQUIRE(msb.ls()[0]["state"] == "running");
+  REQUIRE(msb.exec({"disk-read", "2"}) == checksum_line(6, 2));
+  REQUIRE(msb::test::read_text(base) == base_bytes);
+
+  require_ok(msb({"stop", "box"}));
+  require_ok(msb({"rm", "box"}));  // stopped: no --force needed
+  REQUIRE(msb::test::read_text(base) == base_bytes);
+}
+
+TEST_CASE("two execs run at once in one sandbox", "[sandbox]") {
+  Msb msb;
+  require_ok(msb({"create", "box"}));
+  ProcessResult a, b;
+  std::thread first([&] { a = msb({"exec", "box", "--", "out", "4", "1"}); });
+  std::thread second([&] { b = msb({"exec", "box", "--", "out", "4", "2"}); });
+  first.join();
+  second.join();
+  require_ok(a);
+  require_ok(b);
+  REQUIRE(first_difference(a.out, pattern_bytes(1, 4 << 20)) == -1);
+  REQUIRE(first_difference(b.out, pattern_bytes(2, 4 << 20)) == -1);
+
+  // A cat whose input never ends holds the test guest's only exec slot; killing its msb exec
+  // kills it in the guest, and the next command runs.
+  TempDir files;
+  fs::path fifo = files / "fifo";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  pid_t holder = msb::test::spawn_process({"/bin/bash", "-c",
+                                           "exec 3<>'" + fifo.string() + "'; MSB_HOME='" +
+                                               msb.home.path().string() +
+                                               "' exec '" MSB_BINARY "' exec box -- cat <&3"});
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  REQUIRE(::kill(holder, SIGKILL) == 0);
+  REQUIRE(msb::test::wait_process(holder) == 128 + SIGKILL);
+  REQUIRE(msb.exec({"echo", "next"}) == "next\n");
+}
+
+TEST_CASE("msb run creates, runs and removes", "[sandbox]") {
+  Msb msb;
+  ProcessResult hi = msb({"run", "--", "echo", "hi"});
+  require_ok(hi);
+  REQUIRE(hi.out == "hi\n");
+  REQUIRE(msb({"run", "--cpus", "2", "--", "exit", "5"}).exit_code == 5);
+  ProcessResult cpus = msb({"run", "--cpus", "3", "--", "cpus"});
+  REQUIRE(cpus.out == "3\n");
+  REQUIRE(msb.ls().empty());
+}
+
+TEST_CASE("a killed VMM is reported as failed and rm cleans it up", "[sandbox]") {
+  Msb msb;
+  require_ok(msb({"create", "box"}));
+  int pid = msb.ls()[0]["pid"];
+  REQUIRE(::kill(pid, SIGKILL) == 0);
+  nlohmann::json ls;
+  for (int i = 0; i < 1000; ++i) {
+    ls = msb.ls();
+    if (ls[0]["state"] != "running") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(ls[0]["state"] == "failed");
+  REQUIRE(ls[0]["reason"] == "killed");
+  REQUIRE_THAT(ls[0]["detail"].get<std::string>(), Catch::Contains(std::to_string(pid)));
+  REQUIRE_THAT(msb({"ls"}).out, Catch::Contains("failed") && Catch::Contains("killed"));
+  require_error(msb({"exec", "box", "--", "echo"}), "is not running (failed: killed)");
+
+  // A failed sandbox boots again, and is removed without --force once stopped.
+  require_ok(msb({"start", "box"}));
+  REQUIRE(msb.exec({"echo", "back"}) == "back\n");
+  require_ok(msb({"rm", "--force", "box"}));
+  REQUIRE_FALSE(fs::exists(msb.dir("box")));
+  REQUIRE(msb.ls().empty());
+}
+
+TEST_CASE("a kernel that cannot boot fails create with the reason and leaves nothing",
+          "[sandbox]") {
+  Msb msb;
+  TempDir files;
+  fs::path not_a_kernel = files / "not-a-kernel";
+  msb::test::write_text(not_a_kernel, std::string(4096, 'x'));
+  ProcessResult r = msb({"create", "box", "--kernel", not_a_kernel.string()});
+  INFO(r.err);
+  REQUIRE(r.exit_code == 1);
+  REQUIRE_THAT(r.err, Catch::StartsWith("msb: error: sandbox \"box\" did not start: vmm-error"));
+  REQUIRE(msb.ls().empty());
+  REQUIRE_FALSE(fs::exists(msb.dir("box")));
+}
