@@ -170,8 +170,9 @@ void poll_interrupts() {
   uint64_t now = g_irq_count;
   if (now == g_irq_seen) return;
   g_irq_seen = now;
-  if (g_have_console) virtio_ack(g_console);
-  if (g_have_block) virtio_ack(g_block);
+  const uint64_t pending = __atomic_exchange_n(&g_device_irqs, 0, __ATOMIC_SEQ_CST);
+  if (g_have_console && (pending >> g_console.gsi) & 1) virtio_ack(g_console);
+  if (g_have_block && (pending >> g_block.gsi) & 1) virtio_ack(g_block);
 }
 
 // Sleeps until the next interrupt (returns at once if one came after poll_interrupts()).
@@ -189,14 +190,40 @@ void reclaim_tx() {
     if (cookie < kTxSlots) g_tx_busy[cookie] = false;
 }
 
+// Transmit completions interrupt the guest only while it waits for a free slot: otherwise the
+// agent reclaims slots as it goes, and each interrupt it avoids saves a wake-up and the register
+// accesses (VM exits) of its ack.
+void set_tx_interrupts(bool enabled) {
+  *reinterpret_cast<volatile uint16_t*>(&g_console_tx.mem->avail.flags) =
+      enabled ? 0 : kAvailNoInterrupt;
+  full_barrier();
+}
+
+bool find_free_tx_slot(uint32_t* slot) {
+  for (uint32_t i = 0; i < kTxSlots; ++i) {
+    if (!g_tx_busy[i]) {
+      *slot = i;
+      return true;
+    }
+  }
+  return false;
+}
+
 // A free transmit slot, waiting for one if all are in flight.
 uint32_t acquire_tx_slot() {
+  uint32_t slot;
   for (;;) {
     poll_interrupts();
     reclaim_tx();
-    for (uint32_t i = 0; i < kTxSlots; ++i)
-      if (!g_tx_busy[i]) return i;
-    wait_for_interrupt();
+    if (find_free_tx_slot(&slot)) return slot;
+    // Ask for an interrupt, then look again: a completion may have landed before the device saw
+    // the request, and it would not interrupt for that one.
+    set_tx_interrupts(true);
+    reclaim_tx();
+    bool found = find_free_tx_slot(&slot);
+    if (!found) wait_for_interrupt();
+    set_tx_interrupts(false);
+    if (found) return slot;
   }
 }
 
@@ -210,9 +237,11 @@ void tx_commit(uint32_t slot, uint16_t type, uint32_t id, uint32_t len) {
   g_tx_busy[slot] = true;
   VirtqBuffer buffer{g_tx_slots[slot], static_cast<uint32_t>(sizeof(header) + len), false};
   while (!virtq_add(g_console_tx, &buffer, 1, slot)) {
+    set_tx_interrupts(true);
     poll_interrupts();
     reclaim_tx();
-    wait_for_interrupt();
+    if (g_console_tx.num_free == 0) wait_for_interrupt();
+    set_tx_interrupts(false);
   }
 }
 
@@ -701,6 +730,7 @@ void setup_console(VirtioDevice& device) {
   virtio_driver_ok(device);
   g_console = device;
   g_have_console = true;
+  set_tx_interrupts(false);
   for (uint32_t i = 0; i < kRxBuffers && i + 1 < g_console_rx.size; ++i)
     post_rx(i);
 }
@@ -795,7 +825,9 @@ extern "C" [[noreturn]] void agent_main() {
     log("testguest: error: no virtio console; powering off\n");
     sys_power_off();
   }
-  g_irq_seen = g_irq_count - 1;  // ack once: an interrupt may predate the IOAPIC routing
+  // Ack every device once: an interrupt may predate the IOAPIC routing.
+  g_irq_seen = g_irq_count - 1;
+  __atomic_fetch_or(&g_device_irqs, ~uint64_t{0}, __ATOMIC_SEQ_CST);
   poll_interrupts();
 
   struct {

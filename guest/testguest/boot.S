@@ -199,11 +199,20 @@ irq_stubs:
 
 irq_common:
         push %rax
-        cmpq $0x20, 8(%rsp)
-        jne 5f
+        mov 8(%rsp), %rax
+        cmp $0x20, %rax
+        je 2f
+        // A device interrupt (vector kDeviceVectorBase + GSI, GSIs 0-47): mark its GSI pending,
+        // so that the agent reads and acks only the devices that interrupted (every register
+        // access is a VM exit). Vectors below 0x30 wrap to large values and are skipped.
+        sub $0x30, %rax
+        cmp $48, %rax
+        jae 5f
+        lock btsq %rax, g_device_irqs(%rip)
+        jmp 5f
         // The timer runs one-shot, re-armed here: KVM drops the periodic bit when the VMM has
         // not set CPUID (timer_mode_mask 0), and this costs one MMIO write per tick.
-        mov $LAPIC_TIMER_INITIAL, %eax
+2:      mov $LAPIC_TIMER_INITIAL, %eax
         movl $TIMER_COUNT, (%rax)
         lock incq g_ticks(%rip)
 5:      lock incq g_irq_count(%rip)

@@ -44,8 +44,9 @@ struct BootInfo {
 extern "C" BootInfo g_boot_info;
 extern "C" uint32_t g_bsp_apic_id;
 // Kept by the interrupt handlers (boot.S).
-extern "C" volatile uint64_t g_ticks;      // LAPIC timer interrupts on the BSP
-extern "C" volatile uint64_t g_irq_count;  // every interrupt on the BSP
+extern "C" volatile uint64_t g_ticks;        // LAPIC timer interrupts on the BSP
+extern "C" volatile uint64_t g_irq_count;    // every interrupt on the BSP
+extern "C" volatile uint64_t g_device_irqs;  // bit GSI: that device interrupted since last taken
 extern "C" volatile uint32_t g_cpus_online;
 
 // Entered once in user mode (CPL3) on the BSP; never returns.

@@ -11,6 +11,7 @@ BootInfo g_boot_info;
 uint32_t g_bsp_apic_id;
 volatile uint64_t g_ticks;
 volatile uint64_t g_irq_count;
+volatile uint64_t g_device_irqs;
 volatile uint32_t g_cpus_online;
 
 // boot.S

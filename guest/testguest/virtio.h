@@ -16,6 +16,7 @@ struct VirtqDesc {
 };
 inline constexpr uint16_t kDescNext = 1;
 inline constexpr uint16_t kDescWrite = 2;
+inline constexpr uint16_t kAvailNoInterrupt = 1;  // VIRTQ_AVAIL_F_NO_INTERRUPT
 
 struct VirtqUsedElem {
   uint32_t id;
