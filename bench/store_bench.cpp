@@ -53,6 +53,7 @@
 #include <zstd.h>
 #include <CLI/CLI.hpp>
 
+#include "bench/bench_util.h"
 #include "snapstore/hash.h"
 #include "snapstore/object.h"
 #include "snapstore/store.h"
@@ -68,6 +69,7 @@ using msb::snapstore::Store;
 using msb::snapstore::StoreOptions;
 using msb::snapstore::StoreStats;
 using msb::snapstore::TransferOptions;
+using namespace msb::bench;
 
 constexpr size_t kPage = 4096;
 constexpr uint64_t kKiB = 1024;
@@ -78,84 +80,12 @@ constexpr size_t kDirtyPages = 16 * kMiB / kPage;
 constexpr uint32_t kProbeChunk = 256 * kKiB;
 constexpr uint32_t kProbeSmallChunk = 64 * kKiB;
 
-class BenchError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-__attribute__((format(printf, 1, 2))) std::string strf(const char* format, ...) {
-  va_list args;
-  va_start(args, format);
-  char small[256];
-  va_list copy;
-  va_copy(copy, args);
-  int n = std::vsnprintf(small, sizeof small, format, copy);
-  va_end(copy);
-  std::string out;
-  if (n < 0) {
-    out = format;
-  } else if (static_cast<size_t>(n) < sizeof small) {
-    out.assign(small, static_cast<size_t>(n));
-  } else {
-    out.resize(static_cast<size_t>(n));
-    std::vsnprintf(out.data(), out.size() + 1, format, args);
-  }
-  va_end(args);
-  return out;
-}
-
-[[noreturn]] void fail_errno(const std::string& what) {
-  throw BenchError(what + ": " + std::strerror(errno));
-}
-
-double wall_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 // CPU time of the whole process (all threads): with the wall time it shows how many cores a
 // measured call kept busy.
 double cpu_seconds() {
   timespec ts{};
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
-}
-
-// CPU use of the whole machine next to that of this process and its children (zstd -b): the
-// difference is what other processes took while a figure was measured. On a small machine a
-// compiler running alongside halves the figures, and the output should show it.
-struct CpuAccount {
-  double wall_s = 0;
-  double machine_busy_s = 0;  // all CPUs: user, nice, system, irq, softirq
-  double steal_s = 0;         // taken by the hypervisor
-  double own_s = 0;           // this process and its waited-for children
-};
-
-CpuAccount cpu_account() {
-  CpuAccount account;
-  account.wall_s = wall_seconds();
-  std::ifstream in("/proc/stat");
-  std::string label;
-  uint64_t user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
-  in >> label >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
-  double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
-  if (in && label == "cpu" && tick > 0) {
-    account.machine_busy_s = static_cast<double>(user + nice + system + irq + softirq) / tick;
-    account.steal_s = static_cast<double>(steal) / tick;
-  }
-  for (int who : {RUSAGE_SELF, RUSAGE_CHILDREN}) {
-    rusage usage{};
-    ::getrusage(who, &usage);
-    for (const timeval& tv : {usage.ru_utime, usage.ru_stime}) {
-      account.own_s += static_cast<double>(tv.tv_sec) + static_cast<double>(tv.tv_usec) * 1e-6;
-    }
-  }
-  return account;
-}
-
-// Cores kept busy by other processes between two accounts, on average.
-double other_cores(const CpuAccount& from, const CpuAccount& to) {
-  double busy = (to.machine_busy_s - from.machine_busy_s) - (to.own_s - from.own_s);
-  return std::max(0.0, busy) / std::max(1e-9, to.wall_s - from.wall_s);
 }
 
 double mib(uint64_t bytes) {
@@ -938,12 +868,6 @@ ProbeResult probe_pack_file(const fs::path& root, const ChunkSet& set, std::stri
 }
 
 // --- Output --------------------------------------------------------------------------------------
-
-void println(const std::string& s = "") {
-  std::fputs(s.c_str(), stdout);
-  std::fputc('\n', stdout);
-  std::fflush(stdout);
-}
 
 constexpr size_t kOutputWidth = 98;
 

@@ -52,6 +52,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "bench/bench_util.h"
 #include "guest/protocol/agent_protocol.h"
 #include "guest/protocol/pattern.h"
 #include "vmm/machine.h"
@@ -67,70 +68,9 @@ namespace agent = msb::agent;
 using msb::vmm::Machine;
 using msb::vmm::MachineConfig;
 using msb::vmm::MachineExit;
+using namespace msb::bench;
 
 constexpr uint64_t kMiB = 1024 * 1024;
-
-class BenchError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-__attribute__((format(printf, 1, 2))) std::string strf(const char* format, ...) {
-  va_list args;
-  va_start(args, format);
-  va_list copy;
-  va_copy(copy, args);
-  int n = std::vsnprintf(nullptr, 0, format, copy);
-  va_end(copy);
-  std::string out(n > 0 ? static_cast<size_t>(n) : 0, '\0');
-  if (n > 0) std::vsnprintf(out.data(), out.size() + 1, format, args);
-  va_end(args);
-  return out;
-}
-
-[[noreturn]] void fail_errno(const std::string& what) {
-  throw BenchError(what + ": " + std::strerror(errno));
-}
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-// CPU use of the whole machine next to that of this process and its waited-for children (QEMU):
-// the difference is what other processes took while the figures were measured.
-struct CpuAccount {
-  double wall_s = 0;
-  double machine_busy_s = 0;  // all CPUs: user, nice, system, irq, softirq
-  double steal_s = 0;         // taken by the hypervisor
-  double own_s = 0;           // this process and its waited-for children
-};
-
-CpuAccount cpu_account() {
-  CpuAccount account;
-  account.wall_s = now_s();
-  std::ifstream in("/proc/stat");
-  std::string label;
-  uint64_t user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
-  in >> label >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
-  double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
-  if (in && label == "cpu" && tick > 0) {
-    account.machine_busy_s = static_cast<double>(user + nice + system + irq + softirq) / tick;
-    account.steal_s = static_cast<double>(steal) / tick;
-  }
-  for (int who : {RUSAGE_SELF, RUSAGE_CHILDREN}) {
-    rusage usage{};
-    ::getrusage(who, &usage);
-    for (const timeval& tv : {usage.ru_utime, usage.ru_stime}) {
-      account.own_s += static_cast<double>(tv.tv_sec) + static_cast<double>(tv.tv_usec) * 1e-6;
-    }
-  }
-  return account;
-}
-
-void println(const std::string& line = "") {
-  std::printf("%s\n", line.c_str());
-  std::fflush(stdout);
-}
 
 struct Options {
   unsigned runs = 5;
@@ -161,8 +101,8 @@ class AgentChannel {
     if (fd_ >= 0) ::close(fd_);
   }
 
-  // The next frame, waiting until `deadline` (now_s() time). A header over kMaxPayload breaks
-  // the stream: the bench reports it rather than guessing where the next frame starts.
+  // The next frame, waiting until `deadline` (wall_seconds() time). A header over kMaxPayload
+  // breaks the stream: the bench reports it rather than guessing where the next frame starts.
   Frame read(double deadline, const std::string& what) {
     for (;;) {
       size_t have = buffer_.size() - pos_;
@@ -207,7 +147,7 @@ class AgentChannel {
  private:
   void fill(double deadline, const std::string& what) {
     for (;;) {
-      int wait_ms = static_cast<int>(std::max(0.0, (deadline - now_s()) * 1e3));
+      int wait_ms = static_cast<int>(std::max(0.0, (deadline - wall_seconds()) * 1e3));
       pollfd readable{fd_, POLLIN, 0};
       int ready = ::poll(&readable, 1, wait_ms);
       if (ready < 0 && errno == EINTR) continue;
@@ -248,7 +188,7 @@ ExecResult run_exec(AgentChannel& channel, uint32_t id, const std::vector<std::s
   payload.push_back('\0');  // the working directory: the agent's default
   ExecResult result;
   std::string word_carry;  // stdout bytes not yet making a whole 64-bit word
-  double start = now_s();
+  double start = wall_seconds();
   double deadline = start + timeout_s;
   channel.write(agent::kExec, id, payload, what);
   for (;;) {
@@ -282,7 +222,7 @@ ExecResult run_exec(AgentChannel& channel, uint32_t id, const std::vector<std::s
     } else if (frame.header.type == agent::kStderr) {
       result.stderr_text += frame.payload;
     } else if (frame.header.type == agent::kExit) {
-      result.seconds = now_s() - start;
+      result.seconds = wall_seconds() - start;
       if (frame.payload.size() != sizeof(agent::ExitPayload))
         throw BenchError(what + ": a kExit frame of the wrong size");
       agent::ExitPayload status;
@@ -405,9 +345,9 @@ RunFigures run_msb(const Options& options, unsigned cpus) {
   config.agent_fd = vmm_end.fd;
 
   RunFigures figures;
-  double start = now_s();
+  double start = wall_seconds();
   std::unique_ptr<Machine> machine = Machine::create(config);
-  figures.create_s = now_s() - start;
+  figures.create_s = wall_seconds() - start;
   machine->start();
   // wait() runs on its own thread so that a guest that never stops is stopped after the timeout.
   auto exited = std::async(std::launch::async, [&machine] { return machine->wait(); });
@@ -419,16 +359,16 @@ RunFigures run_msb(const Options& options, unsigned cpus) {
   };
   try {
     expect_ready(channel.read(start + options.timeout_s, what + ": boot"), what);
-    figures.boot_s = now_s() - start;
+    figures.boot_s = wall_seconds() - start;
     if (!measure_guest(channel, options, what, figures)) {
       machine->stop();
       finish();
       return figures;
     }
-    double off_start = now_s();
+    double off_start = wall_seconds();
     channel.write(agent::kPowerOff, 0, "", what);
     MachineExit exit = finish();
-    figures.off_s = now_s() - off_start;
+    figures.off_s = wall_seconds() - off_start;
     if (exit.reason != MachineExit::Reason::kPoweredOff)
       throw BenchError(what + ": the machine stopped abnormally: " + exit.detail);
   } catch (...) {
@@ -483,7 +423,7 @@ class QemuProcess {
 
   // Whether it exited within `timeout_s`; reaped if so.
   bool wait_exit(double timeout_s) {
-    double deadline = now_s() + timeout_s;
+    double deadline = wall_seconds() + timeout_s;
     while (pid_ > 0) {
       int status = 0;
       pid_t got = ::waitpid(pid_, &status, WNOHANG);
@@ -491,7 +431,7 @@ class QemuProcess {
         pid_ = -1;
         return true;
       }
-      if (now_s() > deadline) return false;
+      if (wall_seconds() > deadline) return false;
       ::usleep(200);
     }
     return true;
@@ -577,7 +517,7 @@ RunFigures run_qemu(const Options& options, Accel accel, const fs::path& work) {
     ::setsockopt(qemu_end, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
 
   RunFigures figures;
-  double start = now_s();
+  double start = wall_seconds();
   std::optional<QemuProcess> qemu;
   try {
     qemu.emplace(argv, log, qemu_end);
@@ -592,13 +532,13 @@ RunFigures run_qemu(const Options& options, Accel accel, const fs::path& work) {
     std::string detail = tail_of_file(log);
     throw BenchError(std::string(e.what()) + (detail.empty() ? "" : "; QEMU said: " + detail));
   }
-  figures.boot_s = now_s() - start;
+  figures.boot_s = wall_seconds() - start;
   if (!measure_guest(channel, options, what, figures)) return figures;  // QEMU is killed
-  double off_start = now_s();
+  double off_start = wall_seconds();
   channel.write(agent::kPowerOff, 0, "", what);
   // Power off is a triple fault under microvm, which -no-reboot turns into QEMU's exit.
   if (qemu->wait_exit(kQemuPowerOffWait_s)) {
-    figures.off_s = now_s() - off_start;
+    figures.off_s = wall_seconds() - off_start;
   } else {
     std::string serial = tail_of_file(work / "serial.log", 200);
     figures.notes += std::string(figures.notes.empty() ? "" : "; ") +
@@ -750,9 +690,7 @@ int run(const Options& options) {
 
   const CpuAccount run_end = cpu_account();
   const double wall = std::max(1e-9, run_end.wall_s - run_start.wall_s);
-  const double others = std::max(0.0, (run_end.machine_busy_s - run_start.machine_busy_s) -
-                                          (run_end.own_s - run_start.own_s)) /
-                        wall;
+  const double others = other_cores(run_start, run_end);
   const double steal = (run_end.steal_s - run_start.steal_s) / wall;
   println(
       strf("  Measuring took %.0f s; other processes kept %.2f of %ld cores busy on average, "

@@ -30,6 +30,7 @@ using msb::core::ExecResult;
 using msb::core::Frame;
 using msb::core::FrameParser;
 using msb::snapstore::UniqueFd;
+using msb::test::pattern_bytes;
 namespace agent = msb::agent;
 namespace core = msb::core;
 
@@ -38,16 +39,6 @@ namespace {
 std::string frame_bytes(uint16_t type, uint32_t id, std::string_view payload) {
   std::string out;
   core::append_frame(out, type, id, payload);
-  return out;
-}
-
-// `size` bytes of pattern `seed` (its 64-bit words, little-endian), as the test guest's `out`.
-std::string pattern_bytes(uint64_t seed, size_t size) {
-  std::string out(size, '\0');
-  for (size_t i = 0; i * 8 < size; ++i) {
-    uint64_t word = msb::pattern::pattern_word(seed, i);
-    std::memcpy(out.data() + i * 8, &word, std::min<size_t>(8, size - i * 8));
-  }
   return out;
 }
 

@@ -30,7 +30,7 @@ using namespace msb;
 using namespace msb::vmm;
 using namespace msb::vmm::virtio;
 using msb::test::Buffer;
-using msb::test::FakeGuest;
+using msb::test::FakeVirtioHost;
 using msb::test::pump;
 using msb::test::TempDir;
 using msb::test::VirtioDriver;
@@ -251,10 +251,8 @@ TEST_CASE("i8042 answers the probe and reports reset", "[devices]") {
   CHECK(resets == 1);
 }
 
-TEST_CASE("virtio-mmio identifies itself and negotiates features", "[devices][virtio]") {
-  FakeGuest guest;
-  EventLoop loop;
-  Interrupt irq;
+TEST_CASE_METHOD(FakeVirtioHost, "virtio-mmio identifies itself and negotiates features",
+                 "[devices][virtio]") {
   VirtioMmioTransport transport(std::make_unique<VirtioRng>(), guest.memory, loop, irq);
   VirtioDriver driver(transport, guest);
 
@@ -308,10 +306,7 @@ TEST_CASE("virtio-mmio identifies itself and negotiates features", "[devices][vi
   CHECK(notify[0].fd >= 0);
 }
 
-TEST_CASE("virtio-rng fills buffers", "[devices][virtio]") {
-  FakeGuest guest;
-  EventLoop loop;
-  Interrupt irq;
+TEST_CASE_METHOD(FakeVirtioHost, "virtio-rng fills buffers", "[devices][virtio]") {
   VirtioMmioTransport transport(std::make_unique<VirtioRng>(), guest.memory, loop, irq);
   VirtioDriver driver(transport, guest);
   driver.init();
@@ -344,10 +339,7 @@ struct BlockResult {
   uint32_t used_len;
 };
 
-struct BlockRig {
-  FakeGuest guest;
-  EventLoop loop;
-  Interrupt irq;
+struct BlockRig : FakeVirtioHost {
   std::unique_ptr<VirtioMmioTransport> transport;
   std::unique_ptr<VirtioDriver> driver;
 
@@ -510,10 +502,7 @@ TEST_CASE("disk overlay copies up, persists its map and checks sizes", "[devices
 
 namespace {
 
-struct ConsoleRig {
-  FakeGuest guest;
-  EventLoop loop;
-  Interrupt irq;
+struct ConsoleRig : FakeVirtioHost {
   snapstore::UniqueFd host, vmm_end;
   std::unique_ptr<VirtioMmioTransport> transport;
   std::unique_ptr<VirtioDriver> driver;

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "tests/support.h"
 #include "vmm/long_mode.h"
 
 using namespace msb::vmm;
@@ -61,12 +62,9 @@ int ioctl_or_fail(int fd, unsigned long request, void* arg, const char* what) {
 }  // namespace
 
 TEST_CASE("a vCPU starts in 64-bit mode from the boot tables", "[long_mode][kvm]") {
+  msb::test::skip_without_kvm();
   int kvm = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
-  if (kvm < 0) {
-    std::printf("SKIPPED: /dev/kvm cannot be opened (%s): this test needs KVM\n",
-                std::strerror(errno));
-    std::exit(77);
-  }
+  REQUIRE(kvm >= 0);
   int vm = ioctl_or_fail(kvm, KVM_CREATE_VM, nullptr, "KVM_CREATE_VM");
   const size_t size = 4 << 20;
   void* host = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -26,16 +26,6 @@ using namespace msb::vmm;
 
 namespace {
 
-void require_kvm() {
-  int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
-  if (fd < 0) {
-    std::printf("SKIPPED: /dev/kvm cannot be opened (%s): this test needs KVM\n",
-                std::strerror(errno));
-    std::exit(77);
-  }
-  ::close(fd);
-}
-
 // An ELF64 executable with one segment holding `code` at 1 MiB, entered there.
 std::string tiny_kernel(const std::vector<uint8_t>& code) {
   Elf64_Ehdr ehdr{};
@@ -68,6 +58,38 @@ void out_byte(std::vector<uint8_t>& code, uint16_t port, uint8_t byte) {
   code.insert(code.end(), {0x66, 0xba, uint8_t(port), uint8_t(port >> 8), 0xb0, byte, 0xee});
 }
 
+// The host side of a test machine: a console log and an agent socket pair in `dir`, closed on
+// destruction, and a MachineConfig wired to them. Declared before the machine, so that it
+// outlives it.
+struct MachineFixture {
+  std::filesystem::path log_path;
+  int log = -1;
+  int agent[2] = {-1, -1};
+  MachineConfig config;
+
+  MachineFixture(const std::filesystem::path& dir, const std::string& kernel, unsigned cpus,
+                 uint64_t memory_mib, uint64_t disk_size)
+      : log_path(dir / "console.log") {
+    log = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+    REQUIRE(log >= 0);
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, agent) == 0);
+    config.kernel_path = kernel;
+    config.cpus = config.max_cpus = cpus;
+    config.memory_mib = config.max_memory_mib = memory_mib;
+    config.disk_overlay_path = dir / "disk.overlay";
+    config.disk_size = disk_size;
+    config.console_log_fd = log;
+    config.agent_fd = agent[0];
+  }
+  ~MachineFixture() {
+    for (int fd : {log, agent[0], agent[1]}) {
+      if (fd >= 0) ::close(fd);
+    }
+  }
+  MachineFixture(const MachineFixture&) = delete;
+  MachineFixture& operator=(const MachineFixture&) = delete;
+};
+
 struct Booted {
   MachineExit exit;
   std::string console;
@@ -76,25 +98,13 @@ struct Booted {
 Booted boot(const std::string& kernel_bytes, unsigned cpus = 1) {
   test::TempDir dir;
   test::write_text(dir.path() / "kernel", kernel_bytes);
-  int log = ::open((dir.path() / "console.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-  REQUIRE(log >= 0);
-  int agent[2];
-  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, agent) == 0);
-  MachineConfig config;
-  config.kernel_path = dir.path() / "kernel";
-  config.cpus = config.max_cpus = cpus;
-  config.memory_mib = config.max_memory_mib = 64;
-  config.disk_overlay_path = dir.path() / "disk.overlay";
-  config.disk_size = 1 << 20;
-  config.console_log_fd = log;
-  config.agent_fd = agent[0];
-  auto machine = Machine::create(config);
-  machine->start();
-  Booted booted{machine->wait(), ""};
-  machine.reset();
-  ::close(log);
-  ::close(agent[0]);
-  ::close(agent[1]);
+  Booted booted;
+  {
+    MachineFixture fixture(dir.path(), dir.path() / "kernel", cpus, 64, 1 << 20);
+    auto machine = Machine::create(fixture.config);
+    machine->start();
+    booted.exit = machine->wait();
+  }
   booted.console = test::read_text(dir.path() / "console.log");
   return booted;
 }
@@ -102,7 +112,7 @@ Booted boot(const std::string& kernel_bytes, unsigned cpus = 1) {
 }  // namespace
 
 TEST_CASE("a guest writes to the serial port and powers off through the i8042", "[machine][kvm]") {
-  require_kvm();
+  test::skip_without_kvm();
   std::vector<uint8_t> code;
   for (char c : std::string("hello\n"))
     out_byte(code, 0x3f8, uint8_t(c));
@@ -115,7 +125,7 @@ TEST_CASE("a guest writes to the serial port and powers off through the i8042", 
 }
 
 TEST_CASE("a guest that faults with no IDT stops the machine as a triple fault", "[machine][kvm]") {
-  require_kvm();
+  test::skip_without_kvm();
   auto booted = boot(tiny_kernel({0x0f, 0x0b}));  // ud2
   INFO(booted.exit.detail);
   REQUIRE(booted.exit.reason == MachineExit::Reason::kTripleFault);
@@ -124,7 +134,7 @@ TEST_CASE("a guest that faults with no IDT stops the machine as a triple fault",
 }
 
 TEST_CASE("a machine that cannot be built says what is wrong", "[machine][kvm]") {
-  require_kvm();
+  test::skip_without_kvm();
   test::TempDir dir;
   MachineConfig config;
   config.disk_overlay_path = dir.path() / "disk.overlay";
@@ -145,26 +155,17 @@ TEST_CASE("a machine that cannot be built says what is wrong", "[machine][kvm]")
 }
 
 TEST_CASE("stop() ends a machine whose guest spins forever", "[machine][kvm]") {
-  require_kvm();
+  test::skip_without_kvm();
   test::TempDir dir;
   test::write_text(dir.path() / "kernel", tiny_kernel({0xeb, 0xfe}));  // jmp .
-  MachineConfig config;
-  config.kernel_path = dir.path() / "kernel";
-  config.memory_mib = config.max_memory_mib = 64;
-  config.disk_overlay_path = dir.path() / "disk.overlay";
-  config.disk_size = 1 << 20;
-  int agent[2];
-  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, agent) == 0);
-  config.agent_fd = agent[0];
-  auto machine = Machine::create(config);
+  MachineFixture fixture(dir.path(), dir.path() / "kernel", 1, 64, 1 << 20);
+  auto machine = Machine::create(fixture.config);
   machine->start();
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   machine->stop();
   auto exit = machine->wait();
   REQUIRE(exit.reason == MachineExit::Reason::kPoweredOff);
   REQUIRE(exit.detail == "stopped by msb");
-  ::close(agent[0]);
-  ::close(agent[1]);
 }
 
 #ifdef MSB_LINUX_KERNEL_DIR
@@ -179,7 +180,7 @@ bool hardware_virtualization() {
 }
 
 void boot_linux_and_check_console(const std::filesystem::path& kernel) {
-  require_kvm();
+  test::skip_without_kvm();
   if (!std::filesystem::exists(kernel)) {
     std::printf("SKIPPED: %s is missing: run scripts/fetch-linux-kernel\n", kernel.c_str());
     std::exit(77);
@@ -201,21 +202,10 @@ void boot_linux_and_check_console(const std::filesystem::path& kernel) {
     }
   }
   test::TempDir dir;
-  const auto log_path = dir.path() / "console.log";
-  int log = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-  REQUIRE(log >= 0);
-  int agent[2];
-  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, agent) == 0);
-  MachineConfig config;
-  config.kernel_path = kernel;
-  config.cmdline = "earlyprintk=serial,ttyS0 console=ttyS0 panic=-1 msb.smoke=1";
-  config.cpus = config.max_cpus = 2;
-  config.memory_mib = config.max_memory_mib = 256;
-  config.disk_overlay_path = dir.path() / "disk.overlay";
-  config.disk_size = 1 << 20;
-  config.console_log_fd = log;
-  config.agent_fd = agent[0];
-  auto machine = Machine::create(config);
+  MachineFixture fixture(dir.path(), kernel, 2, 256, 1 << 20);
+  const auto& log_path = fixture.log_path;
+  fixture.config.cmdline = "earlyprintk=serial,ttyS0 console=ttyS0 panic=-1 msb.smoke=1";
+  auto machine = Machine::create(fixture.config);
   machine->start();
   const std::vector<std::string> wanted = {
       "Command line: earlyprintk=serial,ttyS0 console=ttyS0 panic=-1 msb.smoke=1 "
@@ -248,9 +238,6 @@ void boot_linux_and_check_console(const std::filesystem::path& kernel) {
   INFO("console:\n" << console << "\nmachine: " << exit.detail);
   for (const auto& line : wanted)
     CHECK(console.find(line) != std::string::npos);
-  ::close(log);
-  ::close(agent[0]);
-  ::close(agent[1]);
 }
 
 }  // namespace
@@ -307,20 +294,11 @@ void write_frame(int fd, uint16_t type, uint32_t id, const std::string& payload)
 }  // namespace
 
 TEST_CASE("the test guest answers the agent protocol over the virtio console", "[machine][kvm]") {
-  require_kvm();
+  test::skip_without_kvm();
   test::TempDir dir;
-  int agent_fds[2];
-  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, agent_fds) == 0);
-  int log = ::open((dir.path() / "console.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-  MachineConfig config;
-  config.kernel_path = MSB_TESTGUEST;
-  config.cpus = config.max_cpus = 2;
-  config.memory_mib = config.max_memory_mib = 128;
-  config.disk_overlay_path = dir.path() / "disk.overlay";
-  config.disk_size = 8 << 20;
-  config.console_log_fd = log;
-  config.agent_fd = agent_fds[0];
-  auto machine = Machine::create(config);
+  MachineFixture fixture(dir.path(), MSB_TESTGUEST, 2, 128, 8 << 20);
+  const auto& agent_fds = fixture.agent;
+  auto machine = Machine::create(fixture.config);
   machine->start();
 
   auto [ready, ready_payload] = read_frame(agent_fds[1]);
@@ -356,8 +334,5 @@ TEST_CASE("the test guest answers the agent protocol over the virtio console", "
   INFO(exit.detail);
   REQUIRE(exit.reason == MachineExit::Reason::kPoweredOff);
   machine.reset();
-  ::close(log);
-  REQUIRE(test::read_text(dir.path() / "console.log").find("testguest") != std::string::npos);
-  ::close(agent_fds[0]);
-  ::close(agent_fds[1]);
+  REQUIRE(test::read_text(fixture.log_path).find("testguest") != std::string::npos);
 }

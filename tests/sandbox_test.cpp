@@ -17,25 +17,16 @@
 #include "guest/protocol/pattern.h"
 #include "tests/support.h"
 
+using msb::test::pattern_bytes;
 using msb::test::ProcessResult;
 using msb::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
 
-void require_kvm() {
-  int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
-  if (fd < 0) {
-    std::printf("SKIPPED: /dev/kvm cannot be opened (%s): sandboxes need KVM\n",
-                std::strerror(errno));
-    std::exit(77);
-  }
-  ::close(fd);
-}
-
 struct Msb {
   TempDir home;
-  Msb() { require_kvm(); }
+  Msb() { msb::test::skip_without_kvm("sandboxes need KVM"); }
   ~Msb() {
     // Leave no VMM process behind, whatever a failed check skipped.
     run_process({MSB_BINARY, "rm", "--force", "--quiet", "box"});
@@ -83,15 +74,6 @@ std::string checksum_line(uint64_t seed, uint64_t mib) {
   std::snprintf(buf, sizeof buf, "%016" PRIx64 "\n",
                 msb::pattern::pattern_checksum(seed, mib << 17));
   return buf;
-}
-
-std::string pattern_bytes(uint64_t seed, size_t size) {
-  std::string out(size, '\0');
-  for (size_t i = 0; i * 8 < size; ++i) {
-    uint64_t word = msb::pattern::pattern_word(seed, i);
-    std::memcpy(out.data() + i * 8, &word, std::min<size_t>(8, size - i * 8));
-  }
-  return out;
 }
 
 // Where two byte strings first differ (Catch would print megabytes for a plain ==), or -1.

@@ -6,12 +6,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
 #include <stdexcept>
+
+#include "guest/protocol/pattern.h"
 
 extern char** environ;
 
@@ -185,6 +190,25 @@ std::string read_text(const std::filesystem::path& path) {
 void write_text(const std::filesystem::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << text;
+}
+
+std::string pattern_bytes(uint64_t seed, size_t size) {
+  std::string out(size, '\0');
+  for (size_t i = 0; i * 8 < size; ++i) {
+    uint64_t word = msb::pattern::pattern_word(seed, i);
+    std::memcpy(out.data() + i * 8, &word, std::min<size_t>(8, size - i * 8));
+  }
+  return out;
+}
+
+void skip_without_kvm(const std::string& needs) {
+  int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    std::printf("SKIPPED: /dev/kvm cannot be opened (%s): %s\n", std::strerror(errno),
+                needs.c_str());
+    std::exit(77);
+  }
+  ::close(fd);
 }
 
 }  // namespace msb::test

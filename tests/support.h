@@ -46,6 +46,14 @@ int wait_process(pid_t pid);
 // small shared pool (so that separate objects share chunks) and compressible text.
 std::vector<std::byte> make_data(uint64_t seed, size_t size);
 
+// For the vmm tier: where /dev/kvm cannot be opened, prints "SKIPPED: ... (why): `needs`" and
+// exits 77, which CTest reports as skipped (SKIP_RETURN_CODE).
+void skip_without_kvm(const std::string& needs = "this test needs KVM");
+
+// `size` bytes of guest/protocol/pattern.h's pattern `seed` (its 64-bit words, little-endian): what
+// the test guest's `out SIZE SEED` writes.
+std::string pattern_bytes(uint64_t seed, size_t size);
+
 std::string read_text(const std::filesystem::path& path);
 void write_text(const std::filesystem::path& path, const std::string& text);
 

@@ -22,6 +22,7 @@ using namespace msb;
 using namespace msb::vmm;
 using namespace msb::vmm::virtio;
 using msb::test::FakeGuest;
+using msb::test::FakeVirtioHost;
 using msb::test::kGuestRamBase;
 using msb::test::kGuestRamSize;
 using msb::test::pump;
@@ -249,10 +250,8 @@ void fuzz_device(
 
 }  // namespace
 
-TEST_CASE("virtio-rng survives a hostile driver", "[devices][virtio][fuzz]") {
-  FakeGuest guest;
-  EventLoop loop;
-  Interrupt irq;
+TEST_CASE_METHOD(FakeVirtioHost, "virtio-rng survives a hostile driver",
+                 "[devices][virtio][fuzz]") {
   VirtioMmioTransport transport(std::make_unique<VirtioRng>(), guest.memory, loop, irq);
   fuzz_device("virtio-rng", guest, loop, transport, [&](VirtioDriver& driver) {
     const uint64_t buffer = driver.alloc(32);
@@ -267,11 +266,9 @@ TEST_CASE("virtio-rng survives a hostile driver", "[devices][virtio][fuzz]") {
   CHECK(static_cast<VirtioRng&>(transport.device()).state().bytes_delivered > 100000);
 }
 
-TEST_CASE("virtio-blk survives a hostile driver", "[devices][virtio][fuzz]") {
+TEST_CASE_METHOD(FakeVirtioHost, "virtio-blk survives a hostile driver",
+                 "[devices][virtio][fuzz]") {
   test::TempDir dir;
-  FakeGuest guest;
-  EventLoop loop;
-  Interrupt irq;
   VirtioMmioTransport transport(
       std::make_unique<VirtioBlock>(DiskOverlay::open("", dir / "overlay", 1 << 20)), guest.memory,
       loop, irq);
@@ -296,10 +293,8 @@ TEST_CASE("virtio-blk survives a hostile driver", "[devices][virtio][fuzz]") {
   CHECK(state.errors > 500);
 }
 
-TEST_CASE("virtio-console survives a hostile driver", "[devices][virtio][fuzz]") {
-  FakeGuest guest;
-  EventLoop loop;
-  Interrupt irq;
+TEST_CASE_METHOD(FakeVirtioHost, "virtio-console survives a hostile driver",
+                 "[devices][virtio][fuzz]") {
   int fds[2];
   REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
   snapstore::UniqueFd host(fds[0]), vmm_end(fds[1]);

@@ -16,6 +16,7 @@
 
 #include "vmm/event_loop.h"
 #include "vmm/guest_memory.h"
+#include "vmm/interrupt.h"
 #include "vmm/virtio/mmio.h"
 #include "vmm/virtio/queue.h"
 
@@ -30,6 +31,15 @@ struct FakeGuest {
   vmm::GuestMemory memory;
   FakeGuest() { memory.add_region(kGuestRamBase, ram); }
   std::byte* at(uint64_t address) { return ram.data() + (address - kGuestRamBase); }
+};
+
+// What a virtio-mmio transport runs on in these tests: fake guest memory, the event loop pumped by
+// hand and an interrupt line. A test fixture (TEST_CASE_METHOD) or the base of a device's rig;
+// the transport, declared after it, goes first.
+struct FakeVirtioHost {
+  FakeGuest guest;
+  vmm::EventLoop loop;
+  vmm::Interrupt irq;
 };
 
 struct Buffer {
