@@ -185,9 +185,45 @@ std::chrono::seconds boot_timeout() {
   return std::chrono::seconds(value);
 }
 
+// Ctrl-C (or SIGTERM, SIGHUP) while a sandbox boots must not leave its VMM running with nobody
+// waiting for it: the handler kills the VMM (kill(2) is async-signal-safe), wait_ready then sees
+// it gone and cleans up as for any failed boot.
+volatile sig_atomic_t g_booting_vmm = 0;
+volatile sig_atomic_t g_boot_interrupted = 0;
+
+extern "C" void kill_booting_vmm(int signal) {
+  g_boot_interrupted = signal;
+  if (g_booting_vmm > 0) ::kill(g_booting_vmm, SIGKILL);
+}
+
+class BootInterruptGuard {
+ public:
+  explicit BootInterruptGuard(int pid) {
+    g_boot_interrupted = 0;
+    g_booting_vmm = pid;
+    struct sigaction action {};
+    action.sa_handler = kill_booting_vmm;
+    sigemptyset(&action.sa_mask);
+    for (size_t i = 0; i < std::size(kSignals); ++i)
+      ::sigaction(kSignals[i], &action, &old_[i]);
+  }
+  ~BootInterruptGuard() {
+    for (size_t i = 0; i < std::size(kSignals); ++i)
+      ::sigaction(kSignals[i], &old_[i], nullptr);
+    g_booting_vmm = 0;
+  }
+  BootInterruptGuard(const BootInterruptGuard&) = delete;
+  BootInterruptGuard& operator=(const BootInterruptGuard&) = delete;
+
+ private:
+  static constexpr int kSignals[] = {SIGINT, SIGTERM, SIGHUP};
+  struct sigaction old_[std::size(kSignals)];
+};
+
 // Waits for the VMM process `pid` (just spawned) to report the guest's agent ready. On failure,
 // makes sure the process is gone and throws with the reason and the console's last lines.
 void wait_ready(const std::string& name, const fs::path& dir, int pid, bool record_failure) {
+  BootInterruptGuard interrupt_guard(pid);
   auto timeout = boot_timeout();
   auto deadline = Clock::now() + timeout;
   std::string failure;
@@ -235,6 +271,10 @@ void wait_ready(const std::string& name, const fs::path& dir, int pid, bool reco
   }
   kill_vmm(dir, pid);
   ::waitpid(pid, nullptr, 0);
+  if (g_boot_interrupted) {
+    failure = std::string("interrupted by SIG") + ::sigabbrev_np(g_boot_interrupted) +
+              "; the VMM was stopped";
+  }
   if (record_failure && !fs::exists(dir / "exit.json")) {
     write_json_file(dir / "exit.json", {{"state", "failed"},
                                         {"reason", "boot-failed"},

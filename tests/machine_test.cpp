@@ -1,6 +1,5 @@
 // The machine on real KVM (vmm tier): tiny hand-assembled kernels prove the boot path, the serial
 // log, the i8042 power-off and the stop reasons; the test guest proves the virtio console path.
-#include <elf.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -25,33 +24,6 @@ using namespace msb;
 using namespace msb::vmm;
 
 namespace {
-
-// An ELF64 executable with one segment holding `code` at 1 MiB, entered there.
-std::string tiny_kernel(const std::vector<uint8_t>& code) {
-  Elf64_Ehdr ehdr{};
-  std::memcpy(ehdr.e_ident, ELFMAG, SELFMAG);
-  ehdr.e_ident[EI_CLASS] = ELFCLASS64;
-  ehdr.e_ident[EI_DATA] = ELFDATA2LSB;
-  ehdr.e_ident[EI_VERSION] = EV_CURRENT;
-  ehdr.e_type = ET_EXEC;
-  ehdr.e_machine = EM_X86_64;
-  ehdr.e_version = EV_CURRENT;
-  ehdr.e_entry = 0x100000;
-  ehdr.e_phoff = sizeof(Elf64_Ehdr);
-  ehdr.e_ehsize = sizeof(Elf64_Ehdr);
-  ehdr.e_phentsize = sizeof(Elf64_Phdr);
-  ehdr.e_phnum = 1;
-  Elf64_Phdr phdr{};
-  phdr.p_type = PT_LOAD;
-  phdr.p_flags = PF_R | PF_X;
-  phdr.p_offset = sizeof(Elf64_Ehdr) + sizeof(Elf64_Phdr);
-  phdr.p_vaddr = phdr.p_paddr = 0x100000;
-  phdr.p_filesz = phdr.p_memsz = code.size();
-  std::string file(reinterpret_cast<const char*>(&ehdr), sizeof ehdr);
-  file.append(reinterpret_cast<const char*>(&phdr), sizeof phdr);
-  file.append(code.begin(), code.end());
-  return file;
-}
 
 // mov dx, port; mov al, byte; out dx, al
 void out_byte(std::vector<uint8_t>& code, uint16_t port, uint8_t byte) {
@@ -118,7 +90,7 @@ TEST_CASE("a guest writes to the serial port and powers off through the i8042", 
     out_byte(code, 0x3f8, uint8_t(c));
   out_byte(code, 0x64, 0xfe);
   code.insert(code.end(), {0xf4, 0xeb, 0xfd});  // hlt; jmp back: never reached
-  auto booted = boot(tiny_kernel(code), 2);
+  auto booted = boot(test::tiny_kernel(code), 2);
   INFO(booted.exit.detail);
   REQUIRE(booted.exit.reason == MachineExit::Reason::kPoweredOff);
   REQUIRE(booted.console == "hello\n");
@@ -126,7 +98,7 @@ TEST_CASE("a guest writes to the serial port and powers off through the i8042", 
 
 TEST_CASE("a guest that faults with no IDT stops the machine as a triple fault", "[machine][kvm]") {
   test::skip_without_kvm();
-  auto booted = boot(tiny_kernel({0x0f, 0x0b}));  // ud2
+  auto booted = boot(test::tiny_kernel({0x0f, 0x0b}));  // ud2
   INFO(booted.exit.detail);
   REQUIRE(booted.exit.reason == MachineExit::Reason::kTripleFault);
   REQUIRE(booted.exit.detail.find("vCPU 0") != std::string::npos);
@@ -157,7 +129,7 @@ TEST_CASE("a machine that cannot be built says what is wrong", "[machine][kvm]")
 TEST_CASE("stop() ends a machine whose guest spins forever", "[machine][kvm]") {
   test::skip_without_kvm();
   test::TempDir dir;
-  test::write_text(dir.path() / "kernel", tiny_kernel({0xeb, 0xfe}));  // jmp .
+  test::write_text(dir.path() / "kernel", test::tiny_kernel({0xeb, 0xfe}));  // jmp .
   MachineFixture fixture(dir.path(), dir.path() / "kernel", 1, 64, 1 << 20);
   auto machine = Machine::create(fixture.config);
   machine->start();

@@ -281,3 +281,28 @@ TEST_CASE("a kernel that cannot boot fails create with the reason and leaves not
   REQUIRE(msb.ls().empty());
   REQUIRE_FALSE(fs::exists(msb.dir("box")));
 }
+
+TEST_CASE("an interrupted create stops its VMM and leaves nothing", "[sandbox]") {
+  Msb msb;
+  TempDir files;
+  const fs::path spinning = files / "spinning-kernel";
+  msb::test::write_text(spinning, msb::test::tiny_kernel({0xeb, 0xfe}));  // jmp . : never ready
+  ::setenv("MSB_HOME", msb.home.path().c_str(), 1);
+  pid_t create = msb::test::spawn_process(
+      {MSB_BINARY, "create", "box", "--kernel", spinning.string()}, (files / "output").string());
+  ::unsetenv("MSB_HOME");
+  // Wait until the VMM runs (its pid file), then press Ctrl-C.
+  const fs::path pid_file = msb.dir("box") / "pid";
+  for (int i = 0; i < 5000 && !fs::exists(pid_file); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  REQUIRE(fs::exists(pid_file));
+  const pid_t vmm = std::stoi(msb::test::read_text(pid_file));
+  REQUIRE(::kill(create, SIGINT) == 0);
+  REQUIRE(msb::test::wait_process(create) == 1);
+  const std::string output = msb::test::read_text(files / "output");
+  INFO(output);
+  REQUIRE_THAT(output, Catch::Contains("interrupted by SIGINT"));
+  REQUIRE_FALSE(fs::exists(msb.dir("box")));
+  REQUIRE(::kill(vmm, 0) != 0);  // the VMM is gone
+}

@@ -1,5 +1,6 @@
 #include "tests/support.h"
 
+#include <elf.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <spawn.h>
@@ -209,6 +210,33 @@ void skip_without_kvm(const std::string& needs) {
     std::exit(77);
   }
   ::close(fd);
+}
+
+// An ELF64 executable with one segment holding `code` at 1 MiB, entered there.
+std::string tiny_kernel(const std::vector<uint8_t>& code) {
+  Elf64_Ehdr ehdr{};
+  std::memcpy(ehdr.e_ident, ELFMAG, SELFMAG);
+  ehdr.e_ident[EI_CLASS] = ELFCLASS64;
+  ehdr.e_ident[EI_DATA] = ELFDATA2LSB;
+  ehdr.e_ident[EI_VERSION] = EV_CURRENT;
+  ehdr.e_type = ET_EXEC;
+  ehdr.e_machine = EM_X86_64;
+  ehdr.e_version = EV_CURRENT;
+  ehdr.e_entry = 0x100000;
+  ehdr.e_phoff = sizeof(Elf64_Ehdr);
+  ehdr.e_ehsize = sizeof(Elf64_Ehdr);
+  ehdr.e_phentsize = sizeof(Elf64_Phdr);
+  ehdr.e_phnum = 1;
+  Elf64_Phdr phdr{};
+  phdr.p_type = PT_LOAD;
+  phdr.p_flags = PF_R | PF_X;
+  phdr.p_offset = sizeof(Elf64_Ehdr) + sizeof(Elf64_Phdr);
+  phdr.p_vaddr = phdr.p_paddr = 0x100000;
+  phdr.p_filesz = phdr.p_memsz = code.size();
+  std::string file(reinterpret_cast<const char*>(&ehdr), sizeof ehdr);
+  file.append(reinterpret_cast<const char*>(&phdr), sizeof phdr);
+  file.append(code.begin(), code.end());
+  return file;
 }
 
 }  // namespace msb::test

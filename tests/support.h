@@ -57,4 +57,8 @@ std::string pattern_bytes(uint64_t seed, size_t size);
 std::string read_text(const std::filesystem::path& path);
 void write_text(const std::filesystem::path& path, const std::string& text);
 
+// A minimal "kernel" for msb: an ELF64 executable whose one segment holds `code` at 1 MiB (the
+// entry), which the VMM runs in long mode.
+std::string tiny_kernel(const std::vector<uint8_t>& code);
+
 }  // namespace msb::test
