@@ -99,7 +99,12 @@ bool vmm_running(const fs::path& dir) {
 
 // Kills the VMM process and waits for it to be gone (its vmm.lock released).
 void kill_vmm(const fs::path& dir, int pid) {
-  if (pid > 0 && is_vmm_of(pid, dir)) ::kill(pid, SIGKILL);
+  if (pid > 0 && is_vmm_of(pid, dir)) {
+    ::kill(pid, SIGKILL);
+    // This process started it (create, start, run): reap it, or it lingers as a zombie until
+    // this process exits. For anyone else's VMM this fails at once with ECHILD.
+    ::waitpid(pid, nullptr, 0);
+  }
   auto deadline = Clock::now() + std::chrono::seconds(10);
   while (vmm_running(dir) && Clock::now() < deadline) {
     if (pid > 0) ::waitpid(pid, nullptr, WNOHANG);  // reaps it if it is this process's child
@@ -185,35 +190,42 @@ std::chrono::seconds boot_timeout() {
   return std::chrono::seconds(value);
 }
 
-// Ctrl-C (or SIGTERM, SIGHUP) while a sandbox boots must not leave its VMM running with nobody
-// waiting for it: the handler kills the VMM (kill(2) is async-signal-safe), wait_ready then sees
-// it gone and cleans up as for any failed boot.
-volatile sig_atomic_t g_booting_vmm = 0;
-volatile sig_atomic_t g_boot_interrupted = 0;
+// Ctrl-C (or SIGTERM, SIGHUP) while a sandbox boots, or during `msb run`, must not leave its VMM
+// running with nobody waiting for it: the handler kills the VMM (kill(2) is async-signal-safe);
+// the caller then sees it gone and cleans up as for any failed boot or removal.
+volatile sig_atomic_t g_vmm_to_kill = 0;
+volatile sig_atomic_t g_interrupted_by = 0;
 
-extern "C" void kill_booting_vmm(int signal) {
-  g_boot_interrupted = signal;
-  if (g_booting_vmm > 0) ::kill(g_booting_vmm, SIGKILL);
+extern "C" void kill_vmm_on_signal(int signal) {
+  g_interrupted_by = signal;
+  if (g_vmm_to_kill > 0) ::kill(g_vmm_to_kill, SIGKILL);
 }
 
-class BootInterruptGuard {
+std::string interrupted_message() {
+  return std::string("interrupted by SIG") + ::sigabbrev_np(g_interrupted_by) +
+         "; the VMM was stopped";
+}
+
+class VmmInterruptGuard {
  public:
-  explicit BootInterruptGuard(int pid) {
-    g_boot_interrupted = 0;
-    g_booting_vmm = pid;
+  explicit VmmInterruptGuard(int pid) {
+    g_interrupted_by = 0;
+    g_vmm_to_kill = pid;
     struct sigaction action {};
-    action.sa_handler = kill_booting_vmm;
+    action.sa_handler = kill_vmm_on_signal;
     sigemptyset(&action.sa_mask);
     for (size_t i = 0; i < std::size(kSignals); ++i)
       ::sigaction(kSignals[i], &action, &old_[i]);
   }
-  ~BootInterruptGuard() {
+  ~VmmInterruptGuard() {
     for (size_t i = 0; i < std::size(kSignals); ++i)
       ::sigaction(kSignals[i], &old_[i], nullptr);
-    g_booting_vmm = 0;
+    // The handler killed it: reap it (this process started it), or it stays a zombie.
+    if (g_interrupted_by && g_vmm_to_kill > 0) ::waitpid(g_vmm_to_kill, nullptr, 0);
+    g_vmm_to_kill = 0;
   }
-  BootInterruptGuard(const BootInterruptGuard&) = delete;
-  BootInterruptGuard& operator=(const BootInterruptGuard&) = delete;
+  VmmInterruptGuard(const VmmInterruptGuard&) = delete;
+  VmmInterruptGuard& operator=(const VmmInterruptGuard&) = delete;
 
  private:
   static constexpr int kSignals[] = {SIGINT, SIGTERM, SIGHUP};
@@ -223,7 +235,7 @@ class BootInterruptGuard {
 // Waits for the VMM process `pid` (just spawned) to report the guest's agent ready. On failure,
 // makes sure the process is gone and throws with the reason and the console's last lines.
 void wait_ready(const std::string& name, const fs::path& dir, int pid, bool record_failure) {
-  BootInterruptGuard interrupt_guard(pid);
+  VmmInterruptGuard interrupt_guard(pid);
   auto timeout = boot_timeout();
   auto deadline = Clock::now() + timeout;
   std::string failure;
@@ -271,9 +283,8 @@ void wait_ready(const std::string& name, const fs::path& dir, int pid, bool reco
   }
   kill_vmm(dir, pid);
   ::waitpid(pid, nullptr, 0);
-  if (g_boot_interrupted) {
-    failure = std::string("interrupted by SIG") + ::sigabbrev_np(g_boot_interrupted) +
-              "; the VMM was stopped";
+  if (g_interrupted_by) {
+    failure = interrupted_message();
   }
   if (record_failure && !fs::exists(dir / "exit.json")) {
     write_json_file(dir / "exit.json", {{"state", "failed"},
@@ -607,13 +618,24 @@ ExecResult run_once(const Home& home, CreateOptions options, const ExecOptions& 
   if (exec.argv.empty()) throw SandboxError("run needs a command");
   Sandbox sandbox = Sandbox::create(home, options);
   ExecResult result;
-  try {
-    result = sandbox.exec(exec, io);
-  } catch (...) {
-    sandbox.remove(/*force=*/true);
-    throw;
+  {
+    // The sandbox is removed whatever happens, so an interrupt may simply kill its VMM: the
+    // exec then ends and the removal below runs.
+    VmmInterruptGuard interrupt_guard(sandbox.info().pid);
+    try {
+      result = sandbox.exec(exec, io);
+    } catch (...) {
+      sandbox.remove(/*force=*/true);
+      if (g_interrupted_by) {
+        throw SandboxError("run of " + in_quotes(options.name) + " " + interrupted_message());
+      }
+      throw;
+    }
   }
   sandbox.remove(/*force=*/true);
+  if (g_interrupted_by) {
+    throw SandboxError("run of " + in_quotes(options.name) + " " + interrupted_message());
+  }
   return result;
 }
 

@@ -306,3 +306,28 @@ TEST_CASE("an interrupted create stops its VMM and leaves nothing", "[sandbox]")
   REQUIRE_FALSE(fs::exists(msb.dir("box")));
   REQUIRE(::kill(vmm, 0) != 0);  // the VMM is gone
 }
+
+TEST_CASE("an interrupted run stops and removes its sandbox", "[sandbox]") {
+  Msb msb;
+  ::setenv("MSB_HOME", msb.home.path().c_str(), 1);
+  // `out` streams for minutes (to /dev/null) unless interrupted.
+  pid_t run = msb::test::spawn_process({MSB_BINARY, "run", "--", "out", "100000", "1"});
+  ::unsetenv("MSB_HOME");
+  fs::path pid_file;
+  for (int i = 0; i < 5000 && pid_file.empty(); ++i) {
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(msb.home / "sandboxes", ec)) {
+      if (fs::exists(entry.path() / "pid")) pid_file = entry.path() / "pid";
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  REQUIRE_FALSE(pid_file.empty());
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // well into the exec
+  const pid_t vmm = std::stoi(msb::test::read_text(pid_file));
+  REQUIRE(::kill(run, SIGINT) == 0);
+  REQUIRE(msb::test::wait_process(run) == 1);
+  REQUIRE(msb.ls().empty());
+  for (int i = 0; i < 1000 && ::kill(vmm, 0) == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  REQUIRE(::kill(vmm, 0) != 0);
+}
