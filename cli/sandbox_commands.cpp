@@ -37,8 +37,11 @@ core::Home home_of(const GlobalOptions& global) {
 std::chrono::milliseconds parse_seconds(const std::string& flag, const std::string& text) {
   char* end = nullptr;
   double seconds = std::strtod(text.c_str(), &end);
-  if (text.empty() || *end != '\0' || !(seconds > 0) || seconds > 1e7) {
-    throw core::SandboxError(flag + " \"" + text + "\": not a positive number of seconds");
+  // At most what the agent protocol's 32-bit millisecond field holds (about 49 days).
+  constexpr double kMaxSeconds = 4e6;
+  if (text.empty() || *end != '\0' || !(seconds > 0) || seconds > kMaxSeconds) {
+    throw core::SandboxError(flag + " \"" + text +
+                             "\": not a positive number of seconds (at most 4000000)");
   }
   return std::chrono::milliseconds(static_cast<int64_t>(std::ceil(seconds * 1000)));
 }

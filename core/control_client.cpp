@@ -68,8 +68,14 @@ snapstore::UniqueFd listen_unix(const std::filesystem::path& socket_path) {
 }
 
 void ControlConnection::send_request(const nlohmann::json& request) {
+  std::string payload = request.dump();
+  if (payload.size() > agent::kMaxPayload) {
+    throw SandboxError("the request is " + std::to_string(payload.size()) +
+                       " bytes (command, arguments and environment); at most " +
+                       std::to_string(agent::kMaxPayload) + " fit in one");
+  }
   std::string frame;
-  append_frame(frame, control::kRequest, 0, request.dump());
+  append_frame(frame, control::kRequest, 0, payload);
   snapstore::write_all(fd_.get(), frame, "the sandbox's control socket");
 }
 

@@ -425,7 +425,11 @@ void ExecMux::fail(Client& client, const std::string& error) {
   } else if (client.state == State::kQueued) {
     std::erase(queue_, &client);
   }
-  client.out += json_frame(control::kResponse, {{"error", error}});
+  // The error may echo what the client sent; a response must fit one frame.
+  constexpr size_t kMaxError = 1024;
+  client.out += json_frame(
+      control::kResponse,
+      {{"error", error.size() > kMaxError ? error.substr(0, kMaxError) + "..." : error}});
   client.state = State::kFinishing;
   client.deadline.reset();
 }

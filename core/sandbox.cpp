@@ -20,6 +20,7 @@
 #include "core/archive.h"
 #include "core/control_client.h"
 #include "core/control_protocol.h"
+#include "guest/protocol/agent_protocol.h"
 #include "snapstore/error.h"
 #include "snapstore/file_util.h"
 #include "snapstore/name.h"
@@ -90,7 +91,8 @@ int read_pid(const fs::path& dir) {
 bool is_vmm_of(int pid, const fs::path& dir) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
   std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return cmdline.find(std::string("__vmm") + '\0' + dir.string()) != std::string::npos;
+  // The whole argument, NUL-terminated: sandbox "foo" must not match the VMM of "foobar".
+  return cmdline.find(std::string("__vmm") + '\0' + dir.string() + '\0') != std::string::npos;
 }
 
 bool vmm_running(const fs::path& dir) {
@@ -354,8 +356,16 @@ nlohmann::json make_config(const CreateOptions& options) {
   if (options.disk.empty() && options.disk_size_mib == 0) {
     throw SandboxError("--disk-size must be at least 1 MiB");
   }
-  for (const auto& entry : options.env)
+  // The environment reaches the guest in one agent frame (kSetEnv: a count, then the entries).
+  size_t env_bytes = sizeof(uint32_t);
+  for (const auto& entry : options.env) {
     check_env_entry("--env", entry);
+    env_bytes += entry.size() + 1;
+  }
+  if (env_bytes > agent::kMaxPayload) {
+    throw SandboxError("--env: the environment is " + std::to_string(env_bytes) +
+                       " bytes; at most " + std::to_string(agent::kMaxPayload) + " fit");
+  }
   nlohmann::json config = {
       {"name", options.name},
       {"kernel", existing_file("kernel", resolve_kernel(options.kernel))},
@@ -560,6 +570,7 @@ void Sandbox::stop(std::chrono::milliseconds timeout) const {
 }
 
 void Sandbox::start() const {
+  boot_timeout();  // a bad MSB_BOOT_TIMEOUT fails before a VMM is started
   UniqueFd lock = claim(dir_, name_);
   if (vmm_running(dir_)) throw SandboxError("sandbox " + in_quotes(name_) + " is already running");
   if (!fs::exists(dir_ / "config.json")) {

@@ -97,8 +97,9 @@ int run_vmm_process(const std::filesystem::path& dir) {
   }
   ::unlink("exit.json");
   UniqueFd listen_fd;
-  std::unique_ptr<vmm::Machine> machine;
   UniqueFd agent_host, agent_guest, console;
+  // After the fds it uses, so that it is destroyed before they close.
+  std::unique_ptr<vmm::Machine> machine;
   nlohmann::json config;
   try {
     publish("pid", std::to_string(::getpid()) + "\n");
@@ -144,7 +145,13 @@ int run_vmm_process(const std::filesystem::path& dir) {
     stop_timed_out = true;
     machine->stop();
   };
-  if (machine_stopped) mux.run(machine_stopped.get());
+  try {
+    if (machine_stopped) mux.run(machine_stopped.get());
+  } catch (const std::exception& e) {
+    // Whatever went wrong serving clients, the machine must stop and the reason be recorded.
+    log_line(std::string("serving clients failed: ") + e.what());
+    machine->stop();
+  }
   waiter.join();
 
   bool clean = exit.reason == vmm::MachineExit::Reason::kPoweredOff;

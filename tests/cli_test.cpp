@@ -181,6 +181,10 @@ TEST_CASE("bad sandbox input gets a one-line error before anything starts", "[cl
                 "--cpus 4 is over --max-cpus 2");
   require_error(msb({"create", "box", "--kernel", k, "--memory", "512", "--max-memory", "256"}), 1,
                 "--memory 512 MiB is over --max-memory 256 MiB");
+  require_error(msb({"create", "box", "--kernel", k, "--env", "BIG=" + std::string(70000, 'x')}), 1,
+                "at most 65536 fit");
+  require_error(msb({"run", "--kernel", k, "--timeout", "5000000", "--", "echo"}), 1,
+                "at most 4000000");
   require_error(msb({"create", "box", "--kernel", k, "--env", "NOEQUALS"}), 1,
                 "--env \"NOEQUALS\": expected KEY=VALUE");
   require_error(msb({"create", "box", "--kernel", (files / "missing").string()}), 1,

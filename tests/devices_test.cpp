@@ -151,6 +151,20 @@ TEST_CASE("event loop runs handlers and stops from another thread", "[devices]")
   CHECK(returned);
 }
 
+TEST_CASE("the console log stops at its size limit, saying so", "[devices]") {
+  TempDir dir;
+  const auto path = dir / "console.log";
+  snapstore::UniqueFd log(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644));
+  Interrupt irq;
+  Serial serial(log.get(), irq, 10);
+  for (char c : std::string("0123456789abcdef"))
+    port_write(serial, 0, static_cast<uint8_t>(c));
+  const std::string text = msb::test::read_text(path);
+  REQUIRE(text.rfind("0123456789\nmsb: the console log reached its size limit", 0) == 0);
+  REQUIRE(text.find("abcdef") == std::string::npos);
+  REQUIRE_FALSE(serial.sink_error().empty());
+}
+
 TEST_CASE("serial registers, loopback and the THR-empty interrupt", "[devices]") {
   TempDir dir;
   snapstore::UniqueFd log(

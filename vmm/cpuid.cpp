@@ -4,6 +4,7 @@
 
 #include "vmm/kvm.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <memory>
@@ -53,7 +54,7 @@ std::vector<kvm_cpuid_entry2> for_vcpu(std::vector<kvm_cpuid_entry2> entries, un
       case 4:
         // Deterministic cache parameters: cores per package - 1 in 31:26; each cache is private
         // to one thread (25:14 = 0).
-        entry.eax = (entry.eax & 0x3fff) | ((cpu_count - 1) << 26);
+        entry.eax = (entry.eax & 0x3fff) | (std::min(cpu_count - 1, 63u) << 26);  // 6 bits
         break;
       case 6:
         // No power management the guest could try to drive (APERF/MPERF, HWP, ...).

@@ -60,6 +60,12 @@ std::span<const std::byte> as_bytes(const std::string& text) {
   return std::as_bytes(std::span(text.data(), text.size()));
 }
 
+// The deleter of guest RAM's mapping.
+struct Unmap {
+  uint64_t size = 0;
+  void operator()(std::byte* address) const { ::munmap(address, size); }
+};
+
 class MachineImpl final : public Machine {
  public:
   explicit MachineImpl(const MachineConfig& config);
@@ -79,10 +85,11 @@ class MachineImpl final : public Machine {
   void finish(MachineExit exit);
 
   MachineConfig config_;
+  // Freed after everything that maps it (declared first, destroyed last), including when the
+  // constructor throws half-way.
+  std::unique_ptr<std::byte, Unmap> ram_;
   snapstore::UniqueFd kvm_;
   snapstore::UniqueFd vm_;
-  std::byte* ram_ = nullptr;
-  uint64_t ram_size_ = 0;
   GuestMemory memory_;
   IoBus ports_;
   IoBus mmio_;
@@ -130,7 +137,6 @@ MachineImpl::~MachineImpl() {
   vcpus_.clear();
   transports_.clear();
   vm_.reset();
-  if (ram_) ::munmap(ram_, ram_size_);
 }
 
 void MachineImpl::create_vm() {
@@ -152,19 +158,19 @@ void MachineImpl::create_vm() {
 void MachineImpl::create_memory() {
   // The VM is built for the ceiling: memory between --memory and --max-memory is mapped (and
   // costs nothing until touched) but left out of the e820 map.
-  ram_size_ = config_.max_memory_mib << 20;
-  void* ram = ::mmap(nullptr, ram_size_, PROT_READ | PROT_WRITE,
+  const uint64_t ram_size = config_.max_memory_mib << 20;
+  void* ram = ::mmap(nullptr, ram_size, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (ram == MAP_FAILED) {
     throw VmmError("cannot reserve " + std::to_string(config_.max_memory_mib) +
                    " MiB of guest memory: " + std::strerror(errno));
   }
-  ram_ = static_cast<std::byte*>(ram);
-  ::madvise(ram_, ram_size_, MADV_MERGEABLE);
+  ram_ = std::unique_ptr<std::byte, Unmap>(static_cast<std::byte*>(ram), Unmap{ram_size});
+  ::madvise(ram, ram_size, MADV_MERGEABLE);
   uint64_t host_offset = 0;
   uint32_t slot = 0;
-  for (const auto& range : boot::ram_ranges(ram_size_)) {
-    std::span<std::byte> host(ram_ + host_offset, range.size);
+  for (const auto& range : boot::ram_ranges(ram_size)) {
+    std::span<std::byte> host(ram_.get() + host_offset, range.size);
     memory_.add_region(range.start, host);
     kvm_userspace_memory_region region{};
     region.slot = slot++;

@@ -50,7 +50,8 @@ constexpr uint8_t kMsrDcd = 0x80;
 
 }  // namespace
 
-Serial::Serial(int sink_fd, Interrupt& interrupt) : sink_fd_(sink_fd), interrupt_(interrupt) {}
+Serial::Serial(int sink_fd, Interrupt& interrupt, uint64_t max_log_bytes)
+    : sink_fd_(sink_fd), interrupt_(interrupt), max_log_bytes_(max_log_bytes) {}
 
 void Serial::read(uint64_t offset, std::span<std::byte> data) {
   std::lock_guard lock(mutex_);
@@ -173,6 +174,14 @@ void Serial::write_register(uint64_t offset, uint8_t value) {
 
 void Serial::transmit(uint8_t byte) {
   if (sink_fd_ < 0 || !sink_error_.empty()) return;
+  if (++logged_bytes_ > max_log_bytes_) {
+    static constexpr char kFull[] =
+        "\nmsb: the console log reached its size limit; "
+        "later guest output is dropped\n";
+    (void)!::write(sink_fd_, kFull, sizeof kFull - 1);
+    sink_error_ = "serial: the console log reached its size limit";
+    return;
+  }
   for (;;) {
     ssize_t written = ::write(sink_fd_, &byte, 1);
     if (written == 1) return;

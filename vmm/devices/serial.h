@@ -45,9 +45,13 @@ class Serial : public BusDevice {
   // How many received bytes the UART holds (a 16550A has a 16-byte FIFO; more is dropped).
   static constexpr size_t kReceiveCapacity = 64;
 
+  // A guest must not be able to fill the host's disk through its console: past `max_log_bytes`
+  // the log gets one line saying so and the rest of the output is dropped.
+  static constexpr uint64_t kMaxLogBytes = 64ull << 20;
+
   // Output bytes are written to `sink_fd` (not owned; -1 discards them). `interrupt` (not owned)
   // is IRQ 4's line.
-  Serial(int sink_fd, Interrupt& interrupt);
+  Serial(int sink_fd, Interrupt& interrupt, uint64_t max_log_bytes = kMaxLogBytes);
 
   void read(uint64_t offset, std::span<std::byte> data) override;
   void write(uint64_t offset, std::span<const std::byte> data) override;
@@ -76,6 +80,8 @@ class Serial : public BusDevice {
   int sink_fd_;
   Interrupt& interrupt_;
   std::string sink_error_;
+  uint64_t max_log_bytes_;
+  uint64_t logged_bytes_ = 0;
 };
 
 }  // namespace msb::vmm
