@@ -1,9 +1,13 @@
 #include "core/home.h"
 
+#include <fcntl.h>
+#include <stdio.h>
+
 #include <cstdlib>
 #include <string>
 
 #include "snapstore/error.h"
+#include "snapstore/file_util.h"
 
 namespace msb::core {
 
@@ -32,6 +36,19 @@ std::unique_ptr<snapstore::Store> Home::open_store(bool exclusive) const {
     options.zstd_level = static_cast<int>(value);
   }
   return snapstore::Store::open(store_dir(), options);
+}
+
+void write_file_atomically(const std::filesystem::path& path, std::string_view text) {
+  const std::filesystem::path temp =
+      path.parent_path() / snapstore::unique_temp_name("." + path.filename().string());
+  {
+    snapstore::UniqueFd fd =
+        snapstore::open_file(AT_FDCWD, temp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    snapstore::write_all(fd.get(), text, temp.string());
+  }
+  if (::rename(temp.c_str(), path.c_str()) != 0) {
+    snapstore::throw_errno("cannot rename " + temp.string() + " to " + path.string());
+  }
 }
 
 }  // namespace msb::core

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <string_view>
 
 #include "snapstore/store.h"
 
@@ -26,5 +27,9 @@ class Home {
   explicit Home(std::filesystem::path root) : root_(std::move(root)) {}
   std::filesystem::path root_;
 };
+
+// Replaces `path` (a file of the state directory, owner-only) with `text` by write-then-rename,
+// so that readers see the old file or the new one, never half of one.
+void write_file_atomically(const std::filesystem::path& path, std::string_view text);
 
 }  // namespace msb::core

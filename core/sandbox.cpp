@@ -64,12 +64,7 @@ UniqueFd claim(const fs::path& dir, const std::string& name) {
 }
 
 void write_json_file(const fs::path& path, const nlohmann::json& doc) {
-  fs::path temp = path.parent_path() / snapstore::unique_temp_name("." + path.filename().string());
-  {
-    UniqueFd fd = snapstore::open_file(AT_FDCWD, temp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    snapstore::write_all(fd.get(), doc.dump(2) + "\n", temp.string());
-  }
-  fs::rename(temp, path);
+  write_file_atomically(path, doc.dump(2) + "\n");
 }
 
 std::optional<nlohmann::json> read_json_file(const fs::path& path) {

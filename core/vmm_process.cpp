@@ -18,6 +18,7 @@
 #include "core/archive.h"
 #include "core/control_client.h"
 #include "core/exec_mux.h"
+#include "core/home.h"
 #include "snapstore/error.h"
 #include "snapstore/file_util.h"
 #include "vmm/machine.h"
@@ -35,12 +36,7 @@ void log_line(const std::string& message) {
 
 // Writes `name` in the current folder (the sandbox's) atomically.
 void publish(const std::string& name, const std::string& text) {
-  std::string temp = "." + name + ".tmp";
-  {
-    UniqueFd fd = snapstore::open_file(AT_FDCWD, temp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    snapstore::write_all(fd.get(), text, temp);
-  }
-  if (::rename(temp.c_str(), name.c_str()) != 0) snapstore::throw_errno("rename " + name);
+  write_file_atomically(name, text);
 }
 
 void record_exit(const std::string& state, const std::string& reason, const std::string& detail) {

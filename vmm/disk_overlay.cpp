@@ -8,6 +8,9 @@
 #include <cerrno>
 #include <cstring>
 
+#include "snapstore/error.h"
+#include "snapstore/file_util.h"
+
 namespace msb::vmm {
 namespace {
 
@@ -48,15 +51,10 @@ size_t pread_full(int fd, std::span<std::byte> out, uint64_t offset, const std::
 }
 
 void pwrite_full(int fd, std::span<const std::byte> in, uint64_t offset, const std::string& path) {
-  size_t done = 0;
-  while (done < in.size()) {
-    ssize_t put =
-        ::pwrite(fd, in.data() + done, in.size() - done, static_cast<off_t>(offset + done));
-    if (put < 0) {
-      if (errno == EINTR) continue;
-      fail(path, "write at offset " + std::to_string(offset + done));
-    }
-    done += static_cast<size_t>(put);
+  try {
+    snapstore::pwrite_all(fd, in, offset, path + " at offset " + std::to_string(offset));
+  } catch (const snapstore::StoreError& e) {
+    throw DiskError(e.what());
   }
 }
 
