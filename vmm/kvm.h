@@ -54,6 +54,14 @@ inline constexpr unsigned long kGetCpuid2 = _IOWR(KVMIO, 0x91, abi::CountAndPadd
 inline constexpr unsigned long kGetMsrIndexList = _IOWR(KVMIO, 0x02, abi::Count);
 inline constexpr unsigned long kGetMsrs = _IOWR(KVMIO, 0x88, abi::CountAndPadding);
 inline constexpr unsigned long kSetMsrs = _IOW(KVMIO, 0x89, abi::CountAndPadding);
+// kvm_xsave ends in a flexible array too (`extra`, beyond the legacy 4 KiB region): its sizeof is
+// 4100 in C++ rather than 4096, so KVM_GET/SET_XSAVE(2) are encoded from the 4 KiB region.
+struct XsaveRegion {
+  uint32_t region[1024];
+};
+inline constexpr unsigned long kGetXsave = _IOR(KVMIO, 0xa4, XsaveRegion);
+inline constexpr unsigned long kSetXsave = _IOW(KVMIO, 0xa5, XsaveRegion);
+inline constexpr unsigned long kGetXsave2 = _IOR(KVMIO, 0xcf, XsaveRegion);
 
 // ioctl(fd, request, arg); throws VmmError("<what>: <strerror>") when it fails. Retries EINTR.
 int ioctl_or_throw(int fd, unsigned long request, const void* arg, const std::string& what);
