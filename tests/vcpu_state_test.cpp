@@ -15,6 +15,7 @@
 #include "vmm/long_mode.h"
 #include "vmm/vcpu.h"
 #include "vmm/vcpu_state.h"
+#include "vmm/vm_state.h"
 
 using namespace msb;
 using namespace msb::vmm;
@@ -48,10 +49,12 @@ struct Mapping {
   std::span<std::byte> span() const { return {data, kMemorySize}; }
 };
 
-// A VM with an irqchip and one memory slot over `memory`.
+// A VM with an irqchip, a PIT and one memory slot over `memory`.
 snapstore::UniqueFd make_vm(int kvm_fd, std::span<std::byte> memory) {
   snapstore::UniqueFd vm(kvm::ioctl_or_throw(kvm_fd, KVM_CREATE_VM, 0ul, "KVM_CREATE_VM"));
   kvm::ioctl_or_throw(vm.get(), KVM_CREATE_IRQCHIP, 0ul, "KVM_CREATE_IRQCHIP");
+  kvm_pit_config pit{};
+  kvm::ioctl_or_throw(vm.get(), KVM_CREATE_PIT2, &pit, "KVM_CREATE_PIT2");
   kvm_userspace_memory_region region{0, 0, 0, memory.size(),
                                      reinterpret_cast<uint64_t>(memory.data())};
   kvm::ioctl_or_throw(vm.get(), KVM_SET_USER_MEMORY_REGION, &region, "memory slot");
@@ -130,4 +133,36 @@ TEST_CASE("a vCPU's state restored into a new VM continues where it stopped", "[
   VcpuState truncated = state;
   truncated.xsave.resize(16);
   REQUIRE_THROWS_WITH(restore_vcpu(second.fd(), truncated), Catch::Contains("XSAVE"));
+}
+
+TEST_CASE("the VM's interrupt controllers, PIT and clock survive a capture and restore",
+          "[vcpu_state][kvm]") {
+  test::skip_without_kvm();
+  snapstore::UniqueFd kvm_fd = kvm::open_system();
+  Mapping first_memory, second_memory;
+  snapstore::UniqueFd first = make_vm(kvm_fd.get(), first_memory.span());
+  snapstore::UniqueFd second = make_vm(kvm_fd.get(), second_memory.span());
+
+  // Program what a guest would: an IOAPIC redirection entry, the PIC's mask, a PIT count.
+  VmState programmed = capture_vm(first.get());
+  programmed.ioapic.chip.ioapic.redirtbl[5].bits = 0x0100000000000035ull;  // vector 0x35, to APIC 1
+  programmed.pic_master.chip.pic.imr = 0xfa;
+  programmed.pit.channels[0].count = 12345;
+  programmed.clock.clock = 1'000'000'000'000ull;  // the guest has been up for 1000 s
+  restore_vm(first.get(), programmed);
+
+  const VmState saved = capture_vm(first.get());
+  REQUIRE(saved.ioapic.chip.ioapic.redirtbl[5].bits == 0x0100000000000035ull);
+  REQUIRE(saved.pic_master.chip.pic.imr == 0xfa);
+  REQUIRE(saved.pit.channels[0].count == 12345);
+  REQUIRE(saved.clock.clock >= 1'000'000'000'000ull);
+
+  restore_vm(second.get(), saved);
+  const VmState restored = capture_vm(second.get());
+  REQUIRE(restored.ioapic.chip.ioapic.redirtbl[5].bits == 0x0100000000000035ull);
+  REQUIRE(restored.pic_master.chip.pic.imr == 0xfa);
+  REQUIRE(restored.pit.channels[0].count == 12345);
+  // The guest's clock goes on from the saved value, not from the new VM's start near zero.
+  REQUIRE(restored.clock.clock >= saved.clock.clock);
+  REQUIRE(restored.clock.clock - saved.clock.clock < 1'000'000'000ull);
 }
