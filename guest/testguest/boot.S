@@ -27,6 +27,23 @@
 
 // ---------------------------------------------------------------------------------------------
         .section .text.entry, "ax"
+// From 32-bit code with paging off into long mode on the image's page tables: PAE, CR3, EFER.LME,
+// then CR0 with `cr0_bits` set (the far jump to a 64-bit segment follows at each use). Both the
+// PVH entry and the APs' trampoline go this way.
+        .macro enter_long_mode cr0_bits
+        mov $0x20, %eax           // CR4.PAE
+        mov %eax, %cr4
+        mov $pml4, %eax
+        mov %eax, %cr3
+        mov $EFER_MSR, %ecx
+        rdmsr
+        or $0x100, %eax           // EFER.LME
+        wrmsr
+        mov %cr0, %eax
+        or $\cr0_bits, %eax
+        mov %eax, %cr0
+        .endm
+
         .code64
         .globl _start
 _start:
@@ -40,17 +57,7 @@ _start:
 pvh_entry:
         cli
         mov %ebx, pvh_start_info
-        mov $0x20, %eax           // CR4.PAE
-        mov %eax, %cr4
-        mov $pml4, %eax
-        mov %eax, %cr3
-        mov $EFER_MSR, %ecx
-        rdmsr
-        or $0x100, %eax           // EFER.LME
-        wrmsr
-        mov %cr0, %eax
-        or $0x80000001, %eax      // PG | PE
-        mov %eax, %cr0
+        enter_long_mode 0x80000001  // PG | PE
         lgdt gdtr32
         ljmp $0x08, $pvh64
 
@@ -89,17 +96,7 @@ ap_entry32:
         mov %eax, %ds
         mov %eax, %es
         mov %eax, %ss
-        mov $0x20, %eax           // CR4.PAE
-        mov %eax, %cr4
-        mov $pml4, %eax
-        mov %eax, %cr3
-        mov $EFER_MSR, %ecx
-        rdmsr
-        or $0x100, %eax           // EFER.LME
-        wrmsr
-        mov %cr0, %eax
-        or $0x80000000, %eax      // PG
-        mov %eax, %cr0
+        enter_long_mode 0x80000000  // PG
         ljmp $0x08, $ap_entry64
         .code64
 
