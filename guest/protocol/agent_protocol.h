@@ -18,6 +18,12 @@
 //   guest: kExit (id N)                the command ended; nothing more for id N follows
 //   host:  kPowerOff                   the guest powers off (the VMM sees it stop)
 //
+// After a restore from a snapshot the guest is already running and sends no kReady of its own.
+// The host's first frame is then kRestore: fresh entropy, the wall clock, the sandbox's new
+// name and the resources it was granted. The guest applies them (reseeds its random pool, sets
+// its clock and hostname, onlines or offlines vCPUs, sizes its memory) and answers kReady, after
+// which the host sends kSetEnv with the restored sandbox's environment, as after a boot.
+//
 // The guest says in kReady how many execs it runs at once; the host queues the rest. A frame
 // the receiver does not know is skipped by its length. A guest that cannot start a command
 // answers kStderr with the reason and kExit with code 127 (not found) or 126 (cannot run).
@@ -52,6 +58,7 @@ enum FrameType : uint16_t {
   kSignal = 18,    // payload: int32_t signal number (9 = kill) for the exec's process
   kSetEnv = 19,    // payload: uint32_t count, then count "K=V" strings
   kPowerOff = 20,  // no payload
+  kRestore = 21,   // payload: RestorePayload, then the sandbox's new name (string)
 };
 
 struct ReadyPayload {
@@ -65,6 +72,17 @@ struct ExecPayload {
   uint32_t timeout_ms;  // 0: none; the agent kills the command when it expires
   uint32_t reserved;    // 0
 };
+
+inline constexpr uint32_t kRestoreEntropyBytes = 32;
+
+struct RestorePayload {
+  uint64_t wall_clock_ns;  // the host's CLOCK_REALTIME, ns since the Unix epoch
+  uint64_t memory_mib;     // memory granted (within the machine's ceiling)
+  uint32_t cpus;           // vCPUs to have online, 1 to the machine's vCPU count
+  uint32_t reserved;       // 0
+  uint8_t entropy[kRestoreEntropyBytes];  // fresh random bytes from the host
+};
+static_assert(sizeof(RestorePayload) == 56);
 
 struct ExitPayload {
   int32_t code;    // exit code, or -1 when killed by a signal

@@ -1,0 +1,2 @@
+// (being written)
+#include <catch2/catch_test_macros.hpp>
