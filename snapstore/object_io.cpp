@@ -48,21 +48,57 @@ void prefault(std::span<std::byte> range) {
   if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
 }
 
-}  // namespace
+// Writes `bytes` at `offset` of a file that reads as zeros there (fresh and sparse), leaving out
+// its all-zero pages: they stay holes, which saves page cache and disk (guest memory has many zero
+// pages inside non-zero chunks), and a page's zero check costs far less than copying it.
+void write_nonzero_pages(int fd, std::span<const std::byte> bytes, uint64_t offset,
+                         const std::string& what) {
+  auto page_at = [&](size_t position) {
+    return bytes.subspan(position, std::min<size_t>(kPageSize, bytes.size() - position));
+  };
+  size_t position = 0;
+  while (position < bytes.size()) {
+    if (is_all_zero(page_at(position))) {
+      position += page_at(position).size();
+      continue;
+    }
+    size_t end = position + page_at(position).size();
+    while (end < bytes.size() && !is_all_zero(page_at(end)))
+      end += page_at(end).size();
+    pwrite_all(fd, bytes.subspan(position, end - position), offset + position, what);
+    position = end;
+  }
+}
 
-// Shared by put_object and put_file. `piece(index, worker)` returns chunk `index`'s bytes, valid
-// until that worker's next call.
-template <class PieceFn>
-static ObjectRef put_chunks(int root_fd, const fs::path& root, int level, uint64_t size,
-                            uint32_t chunk_size, unsigned workers, const ProgressFn& progress,
-                            PieceFn&& piece) {
+// An object of `size` bytes whose chunks are all still to be stored.
+ObjectRef empty_ref(uint64_t size, uint32_t chunk_size) {
   ObjectRef ref;
   ref.size = size;
   ref.chunk_size = chunk_size;
-  const size_t count = static_cast<size_t>((size + chunk_size - 1) / chunk_size);
-  ref.chunks.resize(count);
-  const size_t window = std::max<size_t>(1, kWindowBytes / chunk_size);
-  detail::ProgressReporter reporter(progress, size);
+  ref.chunks.resize(static_cast<size_t>((size + chunk_size - 1) / chunk_size));
+  return ref;
+}
+
+}  // namespace
+
+// Shared by every put. Stores the chunks of `ref` whose indexes are in `indexes` (ascending; all of
+// them when null), whose other entries are left as they are. `piece(index, worker)` returns chunk
+// `index`'s bytes, valid until that worker's next call. Progress counts the bytes of those chunks.
+template <class PieceFn>
+static void put_chunks(int root_fd, const fs::path& root, int level, ObjectRef& ref,
+                       const std::vector<size_t>* indexes, unsigned workers,
+                       const ProgressFn& progress, PieceFn&& piece) {
+  const size_t count = indexes ? indexes->size() : ref.chunks.size();
+  auto index_at = [&](size_t i) { return indexes ? (*indexes)[i] : i; };
+  uint64_t total = 0;
+  if (indexes) {
+    for (size_t index : *indexes)
+      total += ref.chunk_length(index);
+  } else {
+    total = ref.size;
+  }
+  const size_t window = std::max<size_t>(1, kWindowBytes / ref.chunk_size);
+  detail::ProgressReporter reporter(progress, total);
 
   struct Pending {
     std::string temp;
@@ -81,12 +117,16 @@ static ObjectRef put_chunks(int root_fd, const fs::path& root, int level, uint64
     const size_t last = std::min(count, first + window);
     try {
       detail::parallel_for(last - first, workers, [&](size_t i, unsigned w) {
-        const size_t index = first + i;
+        const size_t index = index_at(first + i);
         std::span<const std::byte> bytes = piece(index, w);
         reporter.add(bytes.size());
-        if (is_all_zero(bytes)) return;  // ref.chunks[index] stays nullopt
+        ChunkRef& chunk = ref.chunks[index];
+        if (is_all_zero(bytes)) {
+          chunk.reset();  // zero chunks are never stored
+          return;
+        }
         Hash128 hash = hash_bytes(bytes);
-        ref.chunks[index] = hash;
+        chunk = hash;
         std::string target = detail::chunk_file(hash);
         if (::faccessat(root_fd, target.c_str(), F_OK, 0) == 0) return;  // stored already
         Worker& worker = *state[w];
@@ -127,43 +167,74 @@ static ObjectRef put_chunks(int root_fd, const fs::path& root, int level, uint64
       throw;
     }
   }
-  return ref;
+}
+
+uint32_t Store::put_chunk_size(const TransferOptions& options) const {
+  uint32_t chunk_size = options.chunk_size ? options.chunk_size : options_.chunk_size;
+  if (chunk_size == 0 || chunk_size % 4096 != 0) {
+    throw StoreError("chunk size must be a multiple of 4096");
+  }
+  return chunk_size;
 }
 
 ObjectRef Store::put_object(std::span<const std::byte> data, const TransferOptions& options) {
-  uint32_t chunk_size = options.chunk_size ? options.chunk_size : options_.chunk_size;
-  if (chunk_size % 4096 != 0) throw StoreError("chunk size must be a multiple of 4096");
-  return put_chunks(root_fd_.get(), root_, options_.zstd_level, data.size(), chunk_size,
-                    thread_count(options), options.progress, [&](size_t index, unsigned) {
-                      uint64_t offset = uint64_t{chunk_size} * index;
-                      return data.subspan(offset,
-                                          std::min<uint64_t>(chunk_size, data.size() - offset));
-                    });
+  const uint32_t chunk_size = put_chunk_size(options);
+  ObjectRef ref = empty_ref(data.size(), chunk_size);
+  // Chunks are hashed and compressed straight from `data`: no copy.
+  put_chunks(root_fd_.get(), root_, options_.zstd_level, ref, nullptr, thread_count(options),
+             options.progress, [&](size_t index, unsigned) {
+               return data.subspan(ref.chunk_offset(index), ref.chunk_length(index));
+             });
+  return ref;
+}
+
+ObjectRef Store::put_object_changes(uint64_t size, const std::optional<ObjectRef>& parent,
+                                    const std::vector<size_t>& changed, const ChunkReader& read,
+                                    const TransferOptions& options) {
+  const uint32_t chunk_size = put_chunk_size(options);
+  const size_t count = static_cast<size_t>((size + chunk_size - 1) / chunk_size);
+  // A parent of another geometry (or a malformed one) shares nothing: every chunk is read.
+  const bool incremental = parent && parent->size == size && parent->chunk_size == chunk_size &&
+                           parent->chunks.size() == count;
+  ObjectRef ref = incremental ? *parent : empty_ref(size, chunk_size);
+  if (incremental) {
+    for (size_t i = 0; i < changed.size(); ++i) {
+      if (changed[i] >= ref.chunks.size() || (i > 0 && changed[i] <= changed[i - 1])) {
+        throw StoreError("changed chunk indexes must be ascending and below " +
+                         std::to_string(ref.chunks.size()) + " (index " +
+                         std::to_string(changed[i]) + " at position " + std::to_string(i) + ")");
+      }
+    }
+  }
+  unsigned workers = thread_count(options);
+  // One chunk-sized buffer per worker: memory stays bounded whatever the object's size.
+  std::vector<std::vector<std::byte>> buffers(workers);
+  put_chunks(root_fd_.get(), root_, options_.zstd_level, ref, incremental ? &changed : nullptr,
+             workers, options.progress, [&](size_t index, unsigned w) {
+               buffers[w].resize(ref.chunk_length(index));
+               std::span<std::byte> out(buffers[w]);
+               read(index, out);
+               return std::span<const std::byte>(out);
+             });
+  return ref;
 }
 
 ObjectRef Store::put_file(const fs::path& path, const TransferOptions& options) {
-  uint32_t chunk_size = options.chunk_size ? options.chunk_size : options_.chunk_size;
-  if (chunk_size % 4096 != 0) throw StoreError("chunk size must be a multiple of 4096");
   UniqueFd fd = open_file(AT_FDCWD, path, O_RDONLY);
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) throw_errno("cannot stat " + path.string());
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
     throw StoreError(path.string() + " is not a regular file");
   }
-  uint64_t size = static_cast<uint64_t>(st.st_size);
-  unsigned workers = thread_count(options);
-  // One chunk-sized buffer per worker: memory stays bounded whatever the file's size.
-  std::vector<std::vector<std::byte>> buffers(workers);
   const std::string what = path.string();
-  return put_chunks(root_fd_.get(), root_, options_.zstd_level, size, chunk_size, workers,
-                    options.progress, [&](size_t index, unsigned w) {
-                      uint64_t offset = uint64_t{chunk_size} * index;
-                      size_t length = std::min<uint64_t>(chunk_size, size - offset);
-                      buffers[w].resize(length);
-                      std::span<std::byte> out(buffers[w]);
-                      pread_all(fd.get(), out, offset, what);
-                      return std::span<const std::byte>(out);
-                    });
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  const uint32_t chunk_size = put_chunk_size(options);
+  return put_object_changes(
+      size, std::nullopt, {},
+      [&](size_t index, std::span<std::byte> out) {
+        pread_all(fd.get(), out, uint64_t{chunk_size} * index, what);
+      },
+      options);
 }
 
 void Store::materialize(const ObjectRef& ref, std::span<std::byte> destination,
@@ -225,7 +296,7 @@ void Store::materialize_file(const ObjectRef& ref, const fs::path& path,
         Worker& worker = *state[w];
         worker.buffer.resize(length);
         worker.codec.read_into(root_fd_.get(), detail::chunk_file(*chunk), *chunk, worker.buffer);
-        pwrite_all(fd.get(), worker.buffer, ref.chunk_offset(index), temp.string());
+        write_nonzero_pages(fd.get(), worker.buffer, ref.chunk_offset(index), temp.string());
       }
       reporter.add(length);
     });

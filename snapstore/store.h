@@ -137,12 +137,30 @@ class Store {
   ObjectRef put_object(std::span<const std::byte> data, const TransferOptions& options = {});
   // The same for a file, read in chunk-sized pieces (memory stays bounded).
   ObjectRef put_file(const std::filesystem::path& path, const TransferOptions& options = {});
+
+  // Reads chunk `index` of the object being stored (exactly ObjectRef::chunk_length(index) bytes)
+  // into `out`. Called from worker threads, several at once, each with its own `out`.
+  using ChunkReader = std::function<void(size_t index, std::span<std::byte> out)>;
+  // Stores an object of `size` bytes that is `parent` except in the chunks listed in `changed`
+  // (indexes, strictly ascending, may be empty): only those are read, hashed, compressed and
+  // stored (zero chunks become null refs, chunks already stored are not rewritten); every other
+  // chunk keeps the parent's ref. Without a parent, or when the parent's size or chunk size
+  // differ from (size, the chunk size used), `changed` is ignored and every chunk is read. The
+  // parent's chunks must still be in the store (keep it named or pinned). Chunks are on disk
+  // when it returns, like put_object. Progress counts bytes of chunks read out of bytes to read.
+  // Throws StoreError for a bad `changed`; an exception from `read` stops the put and is
+  // rethrown (chunks stored so far stay, unreferenced, for gc).
+  ObjectRef put_object_changes(uint64_t size, const std::optional<ObjectRef>& parent,
+                               const std::vector<size_t>& changed, const ChunkReader& read,
+                               const TransferOptions& options = {});
+
   // Writes the object's bytes into `destination` (exactly ref.size bytes), verifying every chunk.
   void materialize(const ObjectRef& ref, std::span<std::byte> destination,
                    const TransferOptions& options = {}) const;
-  // Writes the object to a new file at `path` (sparse where chunks are zero), atomically for
-  // readers: the file appears complete or not at all. It is not synced; callers that need it to
-  // survive a power loss sync it (a cache can instead be checked and rebuilt).
+  // Writes the object to a new file at `path`, atomically for readers: the file appears complete
+  // or not at all. Zero chunks and zero 4 KiB pages are never written: they stay holes. It is not
+  // synced; callers that need it to survive a power loss sync it (a cache can instead be checked
+  // and rebuilt).
   void materialize_file(const ObjectRef& ref, const std::filesystem::path& path,
                         const TransferOptions& options = {}) const;
 
@@ -178,6 +196,8 @@ class Store {
   Store(std::filesystem::path root, StoreOptions options);
   void open_root();
   unsigned thread_count(const TransferOptions& options) const;
+  // The chunk size a put uses: the options' or the store's.
+  uint32_t put_chunk_size(const TransferOptions& options) const;
   void sync_filesystem() const;
   std::vector<std::pair<std::string, Hash128>> scan_names(std::vector<std::string>* problems) const;
 
