@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <cstring>
 
@@ -24,6 +25,14 @@ struct MapHeader {
 };
 static_assert(sizeof(MapHeader) == 32);
 
+MapHeader make_header(uint64_t disk_size) {
+  MapHeader header{};
+  std::memcpy(header.magic, kMapMagic, sizeof kMapMagic);
+  header.disk_size = disk_size;
+  header.block_size = DiskOverlay::kBlockSize;
+  return header;
+}
+
 [[noreturn]] void fail(const std::string& file, const std::string& what, int error = errno) {
   throw DiskError(file + ": " + what + (error ? std::string(": ") + std::strerror(error) : ""));
 }
@@ -32,6 +41,12 @@ snapstore::UniqueFd open_or_fail(const std::string& path, int flags) {
   snapstore::UniqueFd fd(::open(path.c_str(), flags | O_CLOEXEC, 0644));
   if (!fd) fail(path, "cannot open");
   return fd;
+}
+
+uint64_t file_size(int fd, const std::string& path) {
+  struct stat info {};
+  if (fstat(fd, &info) != 0) fail(path, "stat");
+  return static_cast<uint64_t>(info.st_size);
 }
 
 // Reads up to out.size() bytes at `offset`; returns how many (fewer only at end of file).
@@ -58,26 +73,61 @@ void pwrite_full(int fd, std::span<const std::byte> in, uint64_t offset, const s
   }
 }
 
+bool test_bit(const std::vector<uint8_t>& bits, uint64_t block) {
+  return block / 8 < bits.size() && ((bits[block / 8] >> (block % 8)) & 1);
+}
+
+// The bits of the bitmap's last byte that stand for no block of the disk.
+uint8_t excess_bits(uint64_t blocks) {
+  return blocks % 8 == 0 ? 0 : static_cast<uint8_t>(0xff << (blocks % 8));
+}
+
+// Indexes of the set bits, ascending.
+std::vector<uint64_t> set_bits(const std::vector<uint8_t>& bits) {
+  std::vector<uint64_t> out;
+  for (size_t i = 0; i < bits.size(); ++i) {
+    for (unsigned byte = bits[i]; byte != 0; byte &= byte - 1) {
+      out.push_back(uint64_t{i} * 8 + static_cast<unsigned>(std::countr_zero(byte)));
+    }
+  }
+  return out;
+}
+
+// Checks a map file's header (read into `header`, `got` bytes of it) against the disk.
+void check_header(const MapHeader& header, size_t got, uint64_t size, const std::string& path) {
+  if (got != sizeof header || std::memcmp(header.magic, kMapMagic, sizeof kMapMagic) != 0 ||
+      header.block_size != DiskOverlay::kBlockSize) {
+    fail(path, "not an msb overlay map", 0);
+  }
+  if (header.disk_size != size) {
+    fail(path,
+         "made for a disk of " + std::to_string(header.disk_size) + " bytes, not " +
+             std::to_string(size),
+         0);
+  }
+}
+
 }  // namespace
 
 std::unique_ptr<DiskOverlay> DiskOverlay::open(const std::string& base_path,
-                                               const std::string& overlay_path, uint64_t size) {
+                                               const std::string& overlay_path, uint64_t size,
+                                               const std::string& layer_path) {
   std::unique_ptr<DiskOverlay> disk(new DiskOverlay());
   disk->base_path_ = base_path;
   disk->overlay_path_ = overlay_path;
   disk->map_path_ = overlay_path + ".map";
   if (!base_path.empty()) {
     disk->base_ = open_or_fail(base_path, O_RDONLY);
-    struct stat info {};
-    if (fstat(disk->base_.get(), &info) != 0) fail(base_path, "stat");
-    disk->base_size_ = static_cast<uint64_t>(info.st_size);
+    disk->base_size_ = file_size(disk->base_.get(), base_path);
     // Sector granularity: the tail of the last sector reads as zeros.
     size = (disk->base_size_ + 511) / 512 * 512;
   }
   if (size == 0) fail(base_path.empty() ? overlay_path : base_path, "the disk is empty", 0);
   disk->size_ = size;
-  const uint64_t blocks = (size + kBlockSize - 1) / kBlockSize;
+  const uint64_t blocks = disk->block_count();
   disk->bitmap_.assign((blocks + 7) / 8, 0);
+  disk->changed_.assign(disk->bitmap_.size(), 0);
+  if (!layer_path.empty()) disk->open_layer(layer_path);
 
   disk->data_ = open_or_fail(overlay_path, O_RDWR | O_CREAT);
   disk->map_ = open_or_fail(disk->map_path_, O_RDWR | O_CREAT);
@@ -93,28 +143,51 @@ std::unique_ptr<DiskOverlay> DiskOverlay::open(const std::string& base_path,
     disk->map_dirty_ = true;
     disk->write_map();
   } else {
-    if (got != sizeof header || std::memcmp(header.magic, kMapMagic, sizeof kMapMagic) != 0 ||
-        header.block_size != kBlockSize) {
-      fail(disk->map_path_, "not an msb overlay map", 0);
-    }
-    if (header.disk_size != size) {
-      fail(disk->map_path_,
-           "made for a disk of " + std::to_string(header.disk_size) + " bytes, not " +
-               std::to_string(size),
-           0);
-    }
+    check_header(header, got, size, disk->map_path_);
     auto bitmap = std::as_writable_bytes(std::span(disk->bitmap_));
     if (pread_full(disk->map_.get(), bitmap, sizeof header, disk->map_path_) != bitmap.size()) {
       fail(disk->map_path_, "truncated bitmap", 0);
     }
-    struct stat info {};
-    if (fstat(disk->data_.get(), &info) != 0) fail(overlay_path, "stat");
-    if (static_cast<uint64_t>(info.st_size) != size &&
+    // Bits past the last block name nothing: keep them out of written_blocks().
+    disk->bitmap_.back() &= static_cast<uint8_t>(~excess_bits(blocks));
+    if (file_size(disk->data_.get(), overlay_path) != size &&
         ftruncate(disk->data_.get(), static_cast<off_t>(size)) != 0) {
       fail(overlay_path, "cannot set the size to " + std::to_string(size));
     }
   }
   return disk;
+}
+
+void DiskOverlay::open_layer(const std::string& layer_path) {
+  layer_path_ = layer_path;
+  const std::string map_path = layer_path + ".map";
+  layer_ = open_or_fail(layer_path, O_RDONLY);
+  const uint64_t data_size = file_size(layer_.get(), layer_path);
+  if (data_size != size_) {
+    fail(
+        layer_path,
+        "a layer of " + std::to_string(data_size) + " bytes for a disk of " + std::to_string(size_),
+        0);
+  }
+  snapstore::UniqueFd map = open_or_fail(map_path, O_RDONLY);
+  MapHeader header{};
+  size_t got = pread_full(map.get(), std::as_writable_bytes(std::span(&header, 1)), 0, map_path);
+  check_header(header, got, size_, map_path);
+  layer_bitmap_.assign(bitmap_.size(), 0);
+  const uint64_t map_size = file_size(map.get(), map_path);
+  if (map_size != sizeof header + layer_bitmap_.size()) {
+    fail(map_path,
+         "has " + std::to_string(map_size) + " bytes, not the " +
+             std::to_string(sizeof header + layer_bitmap_.size()) + " of a map for this disk",
+         0);
+  }
+  auto bitmap = std::as_writable_bytes(std::span(layer_bitmap_));
+  if (pread_full(map.get(), bitmap, sizeof header, map_path) != bitmap.size()) {
+    fail(map_path, "truncated bitmap", 0);
+  }
+  if (layer_bitmap_.back() & excess_bits(block_count())) {
+    fail(map_path, "names blocks past the disk's end", 0);
+  }
 }
 
 DiskOverlay::~DiskOverlay() {
@@ -134,23 +207,75 @@ void DiskOverlay::check_range(uint64_t offset, uint64_t length, const char* what
 }
 
 bool DiskOverlay::block_written(uint64_t block) const {
-  if (block / 8 >= bitmap_.size()) return false;
-  return (bitmap_[block / 8] >> (block % 8)) & 1;
+  return test_bit(bitmap_, block);
+}
+
+DiskOverlay::Source DiskOverlay::source(uint64_t block) const {
+  if (test_bit(bitmap_, block)) return Source::kOverlay;
+  if (test_bit(layer_bitmap_, block)) return Source::kLayer;
+  return Source::kBase;
 }
 
 void DiskOverlay::mark(uint64_t block) {
-  if (!block_written(block)) {
-    bitmap_[block / 8] |= static_cast<uint8_t>(1u << (block % 8));
+  const auto bit = static_cast<uint8_t>(1u << (block % 8));
+  changed_[block / 8] |= bit;
+  if (!(bitmap_[block / 8] & bit)) {
+    bitmap_[block / 8] |= bit;
     map_dirty_ = true;
   }
 }
 
 std::vector<uint64_t> DiskOverlay::written_blocks() const {
-  std::vector<uint64_t> blocks;
-  for (uint64_t block = 0; block < bitmap_.size() * 8; ++block) {
-    if (block_written(block)) blocks.push_back(block);
-  }
+  return set_bits(bitmap_);
+}
+
+std::vector<uint64_t> DiskOverlay::take_changed_blocks() {
+  std::vector<uint64_t> blocks = set_bits(changed_);
+  std::fill(changed_.begin(), changed_.end(), 0);
   return blocks;
+}
+
+uint64_t DiskOverlay::delta_blocks() const {
+  uint64_t count = 0;
+  for (size_t i = 0; i < bitmap_.size(); ++i) {
+    const unsigned layer = layer_bitmap_.empty() ? 0 : layer_bitmap_[i];
+    count += static_cast<unsigned>(std::popcount(static_cast<unsigned>(bitmap_[i] | layer)));
+  }
+  return count;
+}
+
+std::string DiskOverlay::delta_map() const {
+  const MapHeader header = make_header(size_);
+  std::string out(sizeof header + bitmap_.size(), '\0');
+  std::memcpy(out.data(), &header, sizeof header);
+  for (size_t i = 0; i < bitmap_.size(); ++i) {
+    const uint8_t layer = layer_bitmap_.empty() ? 0 : layer_bitmap_[i];
+    out[sizeof header + i] = static_cast<char>(bitmap_[i] | layer);
+  }
+  return out;
+}
+
+template <class Fn>
+void DiskOverlay::for_each_run(uint64_t offset, std::span<std::byte> out, Fn&& fn) const {
+  const uint64_t end = offset + out.size();
+  uint64_t position = offset;
+  while (position < end) {
+    // The longest run of blocks that all come from the same place.
+    const Source from = source(position / kBlockSize);
+    uint64_t run_end = (position / kBlockSize + 1) * kBlockSize;
+    while (run_end < end && source(run_end / kBlockSize) == from) {
+      run_end += kBlockSize;
+    }
+    run_end = std::min(run_end, end);
+    fn(from, position, out.subspan(position - offset, run_end - position));
+    position = run_end;
+  }
+}
+
+void DiskOverlay::read_file(int fd, const std::string& path, uint64_t offset,
+                            std::span<std::byte> out) const {
+  size_t got = pread_full(fd, out, offset, path);
+  std::memset(out.data() + got, 0, out.size() - got);
 }
 
 void DiskOverlay::read_base(uint64_t offset, std::span<std::byte> out) const {
@@ -164,26 +289,36 @@ void DiskOverlay::read_base(uint64_t offset, std::span<std::byte> out) const {
 
 void DiskOverlay::read(uint64_t offset, std::span<std::byte> out) const {
   check_range(offset, out.size(), "read");
-  size_t done = 0;
-  while (done < out.size()) {
-    // The longest run of blocks that all come from the same place.
-    const uint64_t position = offset + done;
-    const bool in_overlay = block_written(position / kBlockSize);
-    uint64_t run_end = (position / kBlockSize + 1) * kBlockSize;
-    while (run_end < offset + out.size() && block_written(run_end / kBlockSize) == in_overlay) {
-      run_end += kBlockSize;
+  for_each_run(offset, out, [&](Source from, uint64_t position, std::span<std::byte> part) {
+    switch (from) {
+      case Source::kOverlay:
+        read_file(data_.get(), overlay_path_, position, part);
+        break;
+      case Source::kLayer:
+        read_file(layer_.get(), layer_path_, position, part);
+        break;
+      case Source::kBase:
+        read_base(position, part);
+        break;
     }
-    const size_t length =
-        static_cast<size_t>(std::min<uint64_t>(run_end, offset + out.size()) - position);
-    std::span<std::byte> part = out.subspan(done, length);
-    if (in_overlay) {
-      size_t got = pread_full(data_.get(), part, position, overlay_path_);
-      std::memset(part.data() + got, 0, part.size() - got);
-    } else {
-      read_base(position, part);
+  });
+}
+
+void DiskOverlay::read_delta(uint64_t offset, std::span<std::byte> out) const {
+  check_range(offset, out.size(), "delta read");
+  for_each_run(offset, out, [&](Source from, uint64_t position, std::span<std::byte> part) {
+    switch (from) {
+      case Source::kOverlay:
+        read_file(data_.get(), overlay_path_, position, part);
+        break;
+      case Source::kLayer:
+        read_file(layer_.get(), layer_path_, position, part);
+        break;
+      case Source::kBase:
+        std::memset(part.data(), 0, part.size());
+        break;
     }
-    done += length;
-  }
+  });
 }
 
 void DiskOverlay::copy_up(uint64_t block) {
@@ -191,7 +326,11 @@ void DiskOverlay::copy_up(uint64_t block) {
   const uint64_t start = block * kBlockSize;
   std::vector<std::byte> contents(static_cast<size_t>(std::min(kBlockSize, size_ - start)));
   // Zeros too, without a base: the data file may hold an unflushed write from before a crash.
-  read_base(start, contents);
+  if (source(block) == Source::kLayer) {
+    read_file(layer_.get(), layer_path_, start, contents);
+  } else {
+    read_base(start, contents);
+  }
   pwrite_full(data_.get(), contents, start, overlay_path_);
 }
 
@@ -211,10 +350,7 @@ void DiskOverlay::write(uint64_t offset, std::span<const std::byte> in) {
 
 void DiskOverlay::write_map() {
   if (!map_dirty_) return;
-  MapHeader header{};
-  std::memcpy(header.magic, kMapMagic, sizeof kMapMagic);
-  header.disk_size = size_;
-  header.block_size = kBlockSize;
+  const MapHeader header = make_header(size_);
   pwrite_full(map_.get(), std::as_bytes(std::span(&header, 1)), 0, map_path_);
   pwrite_full(map_.get(), std::as_bytes(std::span(bitmap_)), sizeof header, map_path_);
   map_dirty_ = false;
