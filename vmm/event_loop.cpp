@@ -89,9 +89,31 @@ size_t EventLoop::run_once(int timeout_ms) {
 }
 
 void EventLoop::run() {
+  {
+    std::lock_guard lock(mutex_);
+    running_ = true;
+  }
+  // However run() ends (stop, or a handler's exception), a pause() waiting for it returns.
+  struct NotRunning {
+    EventLoop& loop;
+    ~NotRunning() {
+      std::lock_guard lock(loop.mutex_);
+      loop.running_ = false;
+      loop.parked_ = false;
+      loop.paused_changed_.notify_all();
+    }
+  } not_running{*this};
   for (;;) {
     {
-      std::lock_guard lock(mutex_);
+      std::unique_lock lock(mutex_);
+      // The pause point is here, between batches: no handler is half-way through its device
+      // work, so a snapshot sees every device between requests.
+      if (pause_requested_ && !stopping_) {
+        parked_ = true;
+        paused_changed_.notify_all();
+        paused_changed_.wait(lock, [this] { return !pause_requested_ || stopping_; });
+        parked_ = false;
+      }
       if (stopping_) {
         stopping_ = false;
         return;
@@ -106,9 +128,29 @@ void EventLoop::stop() {
     std::lock_guard lock(mutex_);
     stopping_ = true;
   }
+  paused_changed_.notify_all();
   uint64_t one = 1;
   while (::write(wake_.get(), &one, sizeof one) < 0 && errno == EINTR) {
   }
+}
+
+void EventLoop::pause() {
+  std::unique_lock lock(mutex_);
+  pause_requested_ = true;
+  if (!running_) return;
+  // Wake epoll_wait so that run() reaches its pause point without waiting for an event.
+  uint64_t one = 1;
+  while (::write(wake_.get(), &one, sizeof one) < 0 && errno == EINTR) {
+  }
+  paused_changed_.wait(lock, [this] { return parked_ || !running_; });
+}
+
+void EventLoop::resume() {
+  {
+    std::lock_guard lock(mutex_);
+    pause_requested_ = false;
+  }
+  paused_changed_.notify_all();
 }
 
 }  // namespace msb::vmm

@@ -6,6 +6,7 @@
 
 #include <sys/epoll.h>
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -36,8 +37,16 @@ class EventLoop {
   // Waits up to `timeout_ms` (-1: forever) for ready fds and runs their handlers once; returns
   // how many handlers ran. For tests, and for callers that drive the loop themselves.
   size_t run_once(int timeout_ms);
-  // Makes run() return soon. Safe from any thread and from a signal-free context.
+  // Makes run() return soon. Safe from any thread and from a signal-free context. Also ends a
+  // pause: a parked run() returns.
   void stop();
+
+  // Parks run() between handler batches: returns once no handler runs and none will until
+  // resume() (at once when run() is not running; a later run() parks before its first batch).
+  // Idempotent. Never from a handler (it would wait for itself).
+  void pause();
+  // Lets a parked run() go on. Idempotent.
+  void resume();
 
  private:
   snapstore::UniqueFd epoll_;
@@ -45,6 +54,10 @@ class EventLoop {
   std::mutex mutex_;
   std::map<int, std::shared_ptr<Handler>> handlers_;
   bool stopping_ = false;
+  bool pause_requested_ = false;
+  bool parked_ = false;   // run() is waiting in its pause
+  bool running_ = false;  // run() is on a thread
+  std::condition_variable paused_changed_;
 };
 
 }  // namespace msb::vmm

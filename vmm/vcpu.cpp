@@ -156,6 +156,51 @@ void Vcpu::set_boot_registers(uint64_t entry, uint64_t zero_page) {
   kvm::ioctl_or_throw(fd_.get(), KVM_SET_FPU, &fpu, where() + ": KVM_SET_FPU");
 }
 
+void PauseGate::wait_parked(const std::atomic<bool>& stopping) {
+  std::unique_lock lock(mutex_);
+  changed_.wait(lock, [&] { return parked_ >= alive_ || stopping.load(); });
+}
+
+void PauseGate::release() {
+  {
+    std::lock_guard lock(mutex_);
+    requested_.store(false);
+  }
+  changed_.notify_all();
+}
+
+void PauseGate::wake() {
+  // Taking the lock orders this notify after any waiter's check of the predicate.
+  { std::lock_guard lock(mutex_); }
+  changed_.notify_all();
+}
+
+void PauseGate::enter() {
+  std::lock_guard lock(mutex_);
+  ++alive_;
+}
+
+void PauseGate::leave() {
+  {
+    std::lock_guard lock(mutex_);
+    --alive_;
+  }
+  changed_.notify_all();
+}
+
+void PauseGate::park(const std::atomic<bool>& stopping) {
+  std::unique_lock lock(mutex_);
+  ++parked_;
+  changed_.notify_all();
+  changed_.wait(lock, [&] { return !requested_.load() || stopping.load(); });
+  --parked_;
+}
+
+int Vcpu::kvmclock_ctrl() {
+  if (::ioctl(fd_.get(), KVM_KVMCLOCK_CTRL, 0) == 0) return 0;
+  return errno;
+}
+
 void Vcpu::kick() {
   // immediate_exit covers a kick that lands before KVM_RUN is entered; the signal one that lands
   // while the vCPU is inside it.
@@ -164,7 +209,7 @@ void Vcpu::kick() {
 }
 
 std::optional<MachineExit> Vcpu::run(const IoBus& ports, const IoBus& mmio,
-                                     const std::atomic<bool>& stopping) {
+                                     const std::atomic<bool>& stopping, PauseGate* gate) {
   thread_.store(::pthread_self());
   running_.store(true);
   struct Running {
@@ -178,8 +223,31 @@ std::optional<MachineExit> Vcpu::run(const IoBus& ports, const IoBus& mmio,
   ::pthread_sigmask(SIG_UNBLOCK, &kick_set, nullptr);
 
   while (!stopping.load()) {
+    if (gate && gate->requested()) {
+      // A pause. KVM finishes an I/O or MMIO exit (stores an IN's data into RAX, advances RIP
+      // past a string I/O chunk, ...) only when KVM_RUN is next entered, and that part of a
+      // vCPU's state is in no register KVM_GET_* returns. So enter once more with immediate_exit
+      // set: KVM completes what is pending and returns EINTR before running any guest
+      // instruction (KVM's API doc on immediate_exit). Only then is the state whole.
+      __atomic_store_n(&run_->immediate_exit, 1, __ATOMIC_SEQ_CST);
+      if (::ioctl(fd_.get(), KVM_RUN, 0) == 0) {
+        // The completion itself needed userspace again (the next chunk of a string I/O): serve
+        // it and come back here.
+        if (auto exit = handle_exit(ports, mmio)) return exit;
+        continue;
+      }
+      if (errno != EINTR && errno != EAGAIN) {
+        return MachineExit{MachineExit::Reason::kVmmError,
+                           where() + ": KVM_RUN: " + std::strerror(errno)};
+      }
+      __atomic_store_n(&run_->immediate_exit, 0, __ATOMIC_SEQ_CST);
+      gate->park(stopping);
+      continue;
+    }
     if (::ioctl(fd_.get(), KVM_RUN, 0) < 0) {
       if (errno == EINTR || errno == EAGAIN) {
+        // Cleared before the loop looks at the pause request again: a pause() that sets its
+        // request after that look sets immediate_exit after this store, so it is not lost.
         __atomic_store_n(&run_->immediate_exit, 0, __ATOMIC_SEQ_CST);
         continue;
       }

@@ -9,7 +9,9 @@
 #include <pthread.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -19,6 +21,34 @@
 #include "vmm/machine.h"
 
 namespace msb::vmm {
+
+// Where a machine's vCPU threads park while it is paused. The machine requests a pause and
+// kicks every vCPU; each vCPU thread, once out of KVM_RUN with nothing pending, parks here until
+// release() (or the machine stops). The machine counts its live vCPU threads (enter/leave) so
+// that wait_parked() knows how many to wait for.
+class PauseGate {
+ public:
+  void request() { requested_.store(true); }
+  bool requested() const { return requested_.load(); }
+  // Returns once every live vCPU thread is parked (or has ended), or `stopping` is set.
+  void wait_parked(const std::atomic<bool>& stopping);
+  void release();
+  // Wakes parked threads and waiters to look at `stopping` again (after it was set).
+  void wake();
+
+  // vCPU threads.
+  void enter();
+  void leave();
+  // Parks the calling vCPU thread until release() or `stopping`.
+  void park(const std::atomic<bool>& stopping);
+
+ private:
+  std::atomic<bool> requested_{false};
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  unsigned alive_ = 0;
+  unsigned parked_ = 0;
+};
 
 class Vcpu {
  public:
@@ -40,11 +70,15 @@ class Vcpu {
 
   // Runs the vCPU on the calling thread until `stopping` is set (then returns nullopt) or the
   // guest does something that ends the machine (returns why). I/O and MMIO exits go to the
-  // buses; an access no device claims reads as all ones and writes are dropped.
+  // buses; an access no device claims reads as all ones and writes are dropped. With a `gate`,
+  // a requested pause parks the thread there (after kick()), with no I/O or MMIO pending.
   std::optional<MachineExit> run(const IoBus& ports, const IoBus& mmio,
-                                 const std::atomic<bool>& stopping);
-  // Makes run() return soon: safe from any thread, before or during run().
+                                 const std::atomic<bool>& stopping, PauseGate* gate = nullptr);
+  // Makes run() return soon (or reach its pause): safe from any thread, before or during run().
   void kick();
+  // KVM_KVMCLOCK_CTRL: tells a guest with kvmclock that it was paused (so its soft-lockup
+  // watchdog does not fire). Returns 0 or the errno; EINVAL means the guest has no kvmclock.
+  int kvmclock_ctrl();
 
  private:
   void set_boot_msrs();

@@ -127,6 +127,9 @@ I8042State I8042::save() const {
 void I8042::restore(const I8042State& state) {
   std::lock_guard lock(mutex_);
   state_ = state;
+  // A saved state is untrusted input: keep the output buffer's bound.
+  while (state_.output.size() > kOutputCapacity)
+    state_.output.pop_back();
 }
 
 }  // namespace msb::vmm

@@ -137,7 +137,9 @@ uint8_t VirtioBlock::transfer(const DescriptorChain& chain, const BlockRequestHe
       skip -= start;
       const uint64_t length = std::min<uint64_t>(descriptor.len - start, remaining);
       if (length == 0) continue;
-      auto host = memory_->slice(descriptor.addr + start, length);
+      // A read writes into guest memory: writable_slice marks those pages for dirty tracking.
+      auto host = is_read ? memory_->writable_slice(descriptor.addr + start, length)
+                          : memory_->slice(descriptor.addr + start, length);
       if (!host) return kBlockStatusIoErr;  // cannot happen: validated when popped
       if (is_read) {
         disk_->read(disk_offset, *host);

@@ -68,6 +68,7 @@ class VirtioBlock : public VirtioDevice {
 
   DiskOverlay& disk() { return *disk_; }
   const BlockState& state() const { return state_; }
+  void restore(const BlockState& state) { state_ = state; }
 
  private:
   // Handles one valid chain; returns the used length.

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <stdexcept>
 
 namespace msb::vmm::virtio {
 
@@ -46,6 +47,20 @@ void VirtioConsole::reset() {
 ConsoleState VirtioConsole::save() const {
   std::lock_guard lock(mutex_);
   return state_;
+}
+
+void VirtioConsole::restore(const ConsoleState& state) {
+  if (state.pending_output.size() > kMaxTransmitChain) {
+    throw std::invalid_argument("virtio-console: " + std::to_string(state.pending_output.size()) +
+                                " bytes of pending output, more than one transmit chain");
+  }
+  std::lock_guard lock(mutex_);
+  state_.pending_output = state.pending_output;
+  state_.backend_closed = false;
+  // Whether input waits for buffers is found out again: the machine processes every queue once
+  // after a restore.
+  state_.receive_starved = false;
+  update_interest_locked();
 }
 
 void VirtioConsole::process_queue(size_t index) {

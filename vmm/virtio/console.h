@@ -57,6 +57,10 @@ class VirtioConsole : public VirtioDevice {
   void reset() override;
 
   ConsoleState save() const;
+  // Puts back a saved state, before the transport re-activates the device. The backend socket
+  // is a new one (a restored machine's), so it starts open: pending output, if any, goes out on
+  // it first. Throws std::invalid_argument for more pending output than one chain can leave.
+  void restore(const ConsoleState& state);
 
  private:
   void on_backend(uint32_t events);

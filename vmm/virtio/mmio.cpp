@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <system_error>
 
 namespace msb::vmm::virtio {
@@ -285,6 +286,88 @@ void VirtioMmioTransport::needs_reset() {
   if (device_needs_reset_.exchange(true)) return;
   interrupt_status_.fetch_or(kInterruptConfigChange);
   interrupt_.trigger();
+}
+
+std::vector<QueueState> VirtioMmioTransport::save_queues() const {
+  std::lock_guard lock(mutex_);
+  std::vector<QueueState> result;
+  for (const Queue& queue : queues_)
+    result.push_back(queue.save());
+  return result;
+}
+
+void VirtioMmioTransport::restore(const MmioState& state, const std::vector<QueueState>& queues,
+                                  uint32_t interrupt_status, uint32_t config_generation) {
+  const std::string name = device_->name();
+  auto invalid = [](const std::string& what) { return std::invalid_argument(what); };
+  constexpr uint32_t kKnownStatus =
+      kStatusAcknowledge | kStatusDriver | kStatusDriverOk | kStatusFeaturesOk | kStatusFailed;
+  if ((state.status & ~kKnownStatus) != 0) {
+    throw invalid("device status " + std::to_string(state.status) + " has unknown bits");
+  }
+  if ((state.driver_features & ~offered_features_) != 0) {
+    throw invalid("driver features " + hex_address(state.driver_features) +
+                  " include ones the device does not offer");
+  }
+  if ((state.status & kStatusFeaturesOk) && !(state.driver_features & kFeatureVersion1)) {
+    throw invalid("FEATURES_OK without VERSION_1");
+  }
+  // write_status activates exactly when DRIVER_OK is accepted (which needs FEATURES_OK), unless
+  // the device already needed a reset; any other combination is not a state this transport has.
+  const bool driver_ok = state.status & kStatusDriverOk;
+  if (driver_ok && !(state.status & kStatusFeaturesOk))
+    throw invalid("DRIVER_OK without FEATURES_OK");
+  if (state.activated != driver_ok && !(state.needs_reset && driver_ok)) {
+    throw invalid(state.activated ? "activated without DRIVER_OK" : "DRIVER_OK but not activated");
+  }
+  if ((interrupt_status & ~(kInterruptUsedBuffer | kInterruptConfigChange)) != 0) {
+    throw invalid("interrupt status " + std::to_string(interrupt_status) + " has unknown bits");
+  }
+  if (queues.size() != queues_.size()) {
+    throw invalid(std::to_string(queues.size()) + " queues saved, the device has " +
+                  std::to_string(queues_.size()));
+  }
+
+  std::lock_guard lock(mutex_);
+  // Queue::restore validates each state against guest memory (sizes, alignment, rings inside
+  // RAM); restore them into copies first so that a bad one leaves the transport as it was.
+  std::vector<Queue> restored = queues_;
+  for (size_t index = 0; index < queues.size(); ++index) {
+    try {
+      restored[index].restore(queues[index], memory_);
+    } catch (const std::invalid_argument& e) {
+      throw invalid("queue " + std::to_string(index) + ": " + e.what());
+    }
+  }
+  reset_locked();
+  // Element by element: the vector's storage stays where devices' spans point.
+  for (size_t index = 0; index < queues_.size(); ++index)
+    queues_[index] = restored[index];
+  state_ = state;
+  state_.needs_reset = false;
+  interrupt_status_.store(interrupt_status);
+  config_generation_.store(config_generation);
+  device_needs_reset_.store(state.needs_reset);
+  if (state_.activated && !state.needs_reset) {
+    try {
+      device_->activate(memory_, queues_, state_.driver_features, *this);
+    } catch (const std::exception& error) {
+      std::fprintf(stderr, "%s: activation failed: %s\n", name.c_str(), error.what());
+      needs_reset();
+    }
+  }
+}
+
+void VirtioMmioTransport::resume_after_restore() {
+  std::lock_guard lock(mutex_);
+  if (state_.activated) {
+    for (const auto& fd : notify_fds_) {
+      uint64_t one = 1;
+      while (::write(fd.get(), &one, sizeof one) < 0 && errno == EINTR) {
+      }
+    }
+  }
+  if (interrupt_status_.load() != 0) interrupt_.trigger();
 }
 
 MmioState VirtioMmioTransport::save() const {

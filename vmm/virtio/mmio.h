@@ -93,6 +93,24 @@ class VirtioMmioTransport : public BusDevice, private InterruptSink {
   uint64_t offered_features() const { return offered_features_; }
 
   MmioState save() const;
+  std::vector<QueueState> save_queues() const;
+  uint32_t interrupt_status() const { return interrupt_status_.load(); }
+  uint32_t config_generation() const { return config_generation_.load(); }
+
+  // Puts back what save(), save_queues(), interrupt_status() and config_generation() returned
+  // from a transport of the same device, possibly in another process. Everything is checked
+  // first (a state file is untrusted: features the transport did not offer, a status that
+  // contradicts `activated`, queues that Queue::restore rejects) and std::invalid_argument says
+  // what is wrong; nothing changes then. An activated device is activated again with the saved
+  // features, as DRIVER_OK did. For a transport whose machine has not run yet; restore the
+  // device's own state before this (activation may start using it).
+  void restore(const MmioState& state, const std::vector<QueueState>& queues,
+               uint32_t interrupt_status, uint32_t config_generation);
+  // For a restored machine once its device thread runs: notifications in flight when the
+  // state was captured are not part of it (an ioeventfd's count is KVM's), so every queue of an
+  // activated device is looked at once; and a pending interrupt is raised again, since the
+  // irqfd edge that raised it belonged to the old VM.
+  void resume_after_restore();
 
  private:
   uint32_t read_register(uint64_t offset);

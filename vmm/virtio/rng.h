@@ -35,6 +35,7 @@ class VirtioRng : public VirtioDevice {
   void reset() override;
 
   const RngState& state() const { return state_; }
+  void restore(const RngState& state) { state_ = state; }
 
  private:
   RngState state_;
