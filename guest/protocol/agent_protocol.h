@@ -76,10 +76,10 @@ struct ExecPayload {
 inline constexpr uint32_t kRestoreEntropyBytes = 32;
 
 struct RestorePayload {
-  uint64_t wall_clock_ns;  // the host's CLOCK_REALTIME, ns since the Unix epoch
-  uint64_t memory_mib;     // memory granted (within the machine's ceiling)
-  uint32_t cpus;           // vCPUs to have online, 1 to the machine's vCPU count
-  uint32_t reserved;       // 0
+  uint64_t wall_clock_ns;                 // the host's CLOCK_REALTIME, ns since the Unix epoch
+  uint64_t memory_mib;                    // memory granted (within the machine's ceiling)
+  uint32_t cpus;                          // vCPUs to have online, 1 to the machine's vCPU count
+  uint32_t reserved;                      // 0
   uint8_t entropy[kRestoreEntropyBytes];  // fresh random bytes from the host
 };
 static_assert(sizeof(RestorePayload) == 56);

@@ -3,6 +3,7 @@
 #include "../protocol/agent_protocol.h"
 #include "../protocol/pattern.h"
 #include "common.h"
+#include "random_pool.h"
 #include "virtio.h"
 
 namespace testguest {
@@ -29,6 +30,16 @@ constexpr uint32_t kBlkSegment = 64 * 1024;
 void sys_wait(uint64_t seen) {
   uint64_t rax = 0;
   asm volatile("int3" : "+a"(rax) : "D"(seen) : "memory");
+}
+
+// Sleeps until `n` more timer ticks (10 ms each) have passed.
+void sleep_ticks(uint64_t n) {
+  const uint64_t target = g_ticks + n;
+  for (;;) {
+    uint64_t seen = g_irq_count;
+    if (g_ticks >= target) return;
+    sys_wait(seen);
+  }
 }
 
 [[noreturn]] void sys_power_off() {
@@ -69,12 +80,28 @@ uint32_t g_env_count;
 // The running `cat`, if any (every other command finishes inside its kExec).
 bool g_cat_running;
 uint32_t g_cat_id;
+// `load` is `cat` that keeps its input: bytes go into the fill area instead of back out.
+bool g_cat_loads;
+uint64_t g_load_bytes;    // stored so far, from kFillBase
+uint64_t g_load_limit;    // the MIB asked for, in bytes; input past it is dropped
 uint64_t g_cat_deadline;  // in ticks; 0: none
 
 uint64_t g_irq_seen;
 
 // Output assembly for echo/env and messages.
 char g_text[2 * agent::kMaxPayload + 4096];
+
+// What a kRestore sets (handle_restore). Before the first one: the clock is unknown (0), the name
+// is the agent's, the memory is the e820 map's RAM.
+RandomPool g_pool;
+uint64_t g_wall_clock_ns;     // the host's wall clock at g_wall_clock_ticks; 0: unknown
+uint64_t g_wall_clock_ticks;  // g_ticks when the wall clock was set
+char g_hostname[256] = "testguest";
+uint64_t g_memory_mib;
+
+// The VM's vCPUs by APIC id, in the MADT's order (without a MADT: the CPUs started at boot).
+uint32_t g_vm_apic_ids[kMaxCpus];
+uint32_t g_vm_cpus;
 
 // ---- small helpers -------------------------------------------------------------------------
 
@@ -536,6 +563,30 @@ void cmd_exit() {
   send_exit(g_exec.id, static_cast<int32_t>(code), 0);
 }
 
+void cmd_text_line(const char* text) {
+  char* out = append(g_text, g_text + sizeof(g_text) - 1, text);
+  *out++ = '\n';
+  write_output(agent::kStdout, g_exec.id, g_text, static_cast<size_t>(out - g_text));
+  send_exit(g_exec.id, 0, 0);
+}
+
+// 16 bytes from the pool as 32 hex digits.
+void cmd_random() {
+  char line[33];
+  append_hex16(line, line + 16, pool_next(g_pool));
+  append_hex16(line + 16, line + 32, pool_next(g_pool));
+  line[32] = '\n';
+  write_output(agent::kStdout, g_exec.id, line, sizeof(line));
+  send_exit(g_exec.id, 0, 0);
+}
+
+// Unix time in whole seconds: the last kRestore's wall clock plus the ticks since; 0 before any.
+uint64_t clock_seconds() {
+  if (g_wall_clock_ns == 0) return 0;
+  constexpr uint64_t kNsPerTick = 1000000000ull / kTimerHz;
+  return (g_wall_clock_ns + (g_ticks - g_wall_clock_ticks) * kNsPerTick) / 1000000000ull;
+}
+
 void cmd_cat() {
   g_cat_running = true;
   g_cat_id = g_exec.id;
@@ -544,12 +595,40 @@ void cmd_cat() {
     g_cat_deadline = g_ticks + (static_cast<uint64_t>(g_exec.timeout_ms) * kTimerHz + 999) / 1000;
 }
 
+void cmd_load() {
+  uint64_t mib = 0;
+  if (!parse_mib_args("load", false, &mib, nullptr)) return;
+  if (!fill_range_ok(mib)) {
+    fail_usage(g_exec.id, "load", "not that much RAM above 32 MiB");
+    return;
+  }
+  cmd_cat();
+  g_cat_loads = true;
+  g_load_bytes = 0;
+  g_load_limit = mib << 20;
+}
+
+// The end of `load`'s input: the checksum of the words it stored (a last partial word counts with
+// the bytes that were there before).
+void finish_load() {
+  g_cat_loads = false;
+  volatile uint64_t* words = reinterpret_cast<volatile uint64_t*>(kFillBase);
+  uint64_t checksum = msb::pattern::kChecksumInit;
+  for (uint64_t i = 0; i < (g_load_bytes + 7) / 8; ++i)
+    checksum = msb::pattern::checksum_update(checksum, words[i]);
+  print_checksum_and_exit(g_cat_id, checksum);
+}
+
 void run_exec() {
   const char* command = g_exec.argv[0];
   if (str_eq(command, "echo")) return cmd_echo();
   if (str_eq(command, "env")) return cmd_env();
   if (str_eq(command, "cpus")) return cmd_number(g_cpus_online);
   if (str_eq(command, "ticks")) return cmd_number(g_ticks);
+  if (str_eq(command, "mem")) return cmd_number(g_memory_mib);
+  if (str_eq(command, "hostname")) return cmd_text_line(g_hostname);
+  if (str_eq(command, "clock")) return cmd_number(clock_seconds());
+  if (str_eq(command, "random")) return cmd_random();
   if (str_eq(command, "interrupts")) return cmd_number(g_irq_count - g_ticks);
   if (str_eq(command, "fill")) return cmd_fill_or_sum(true);
   if (str_eq(command, "sum")) return cmd_fill_or_sum(false);
@@ -557,6 +636,7 @@ void run_exec() {
   if (str_eq(command, "disk-read")) return cmd_disk(false);
   if (str_eq(command, "out")) return cmd_out();
   if (str_eq(command, "cat")) return cmd_cat();
+  if (str_eq(command, "load")) return cmd_load();
   if (str_eq(command, "exit")) return cmd_exit();
   char* out = g_text;
   const char* end = g_text + sizeof(g_text) - 1;
@@ -628,6 +708,277 @@ void handle_set_env(const uint8_t* payload, uint32_t len) {
   g_env_count = count;
 }
 
+// ---- kRestore: entropy, clock, name, memory, vCPUs -----------------------------------------
+
+uint64_t rdtsc() {
+  uint32_t low, high;
+  asm volatile("rdtsc" : "=a"(low), "=d"(high));
+  return low | static_cast<uint64_t>(high) << 32;
+}
+
+bool cpu_has_rdrand() {
+  uint32_t eax = 1, ebx, ecx = 0, edx;
+  asm volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+  return (ecx >> 30) & 1;
+}
+
+bool rdrand64(uint64_t* value) {
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    uint8_t ok;
+    asm volatile("rdrand %0; setc %1" : "=r"(*value), "=qm"(ok) : : "cc");
+    if (ok) return true;
+  }
+  return false;
+}
+
+// Boot randomness: RDRAND where CPUID has it, and the TSC (which differs from boot to boot).
+void seed_pool() {
+  uint64_t words[8];
+  uint32_t count = 0;
+  words[count++] = rdtsc();
+  if (cpu_has_rdrand()) {
+    for (int i = 0; i < 4; ++i)
+      if (rdrand64(&words[count])) ++count;
+  }
+  words[count++] = g_ticks;
+  words[count++] = rdtsc();
+  pool_absorb(g_pool, words, count);
+}
+
+// RAM in the e820 map (or PVH memory map), rounded to the nearest MiB: msb's --memory, whose map
+// leaves out only the 385 KiB from the EBDA to 1 MiB.
+uint64_t boot_memory_mib() {
+  uint64_t bytes = 0;
+  for (uint32_t i = 0; i < g_boot_info.ram_count; ++i)
+    bytes += g_boot_info.ram[i].size;
+  return (bytes + (1ull << 19)) >> 20;
+}
+
+uint32_t read_u32(const uint8_t* p) {
+  uint32_t v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+uint64_t read_u64(const uint8_t* p) {
+  uint64_t v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// [addr, addr + len) in the identity map, or null.
+const uint8_t* phys(uint64_t addr, uint64_t len) {
+  if (addr == 0 || addr >= kMappedLimit || len > kMappedLimit - addr) return nullptr;
+  return reinterpret_cast<const uint8_t*>(addr);
+}
+
+bool acpi_sum_ok(const uint8_t* p, uint32_t len) {
+  uint8_t sum = 0;
+  for (uint32_t i = 0; i < len; ++i)
+    sum = static_cast<uint8_t>(sum + p[i]);
+  return sum == 0;
+}
+
+// A whole ACPI table with signature `sig` at `addr`, checked; its length in *len.
+const uint8_t* acpi_table(uint64_t addr, const char* sig, uint32_t* len) {
+  const uint8_t* header = phys(addr, 36);
+  if (header == nullptr || memcmp(header, sig, 4) != 0) return nullptr;
+  uint32_t n = read_u32(header + 4);
+  if (n < 36 || n > (1u << 20) || phys(addr, n) == nullptr || !acpi_sum_ok(header, n))
+    return nullptr;
+  *len = n;
+  return header;
+}
+
+const uint8_t* find_rsdp() {
+  auto valid = [](uint64_t addr) -> const uint8_t* {
+    const uint8_t* p = phys(addr, 36);
+    return p != nullptr && memcmp(p, "RSD PTR ", 8) == 0 && acpi_sum_ok(p, 20) ? p : nullptr;
+  };
+  if (const uint8_t* p = valid(g_boot_info.rsdp)) return p;
+  for (uint64_t addr = 0xe0000; addr < 0x100000; addr += 16)  // where PC firmware puts it
+    if (const uint8_t* p = valid(addr)) return p;
+  return nullptr;
+}
+
+const uint8_t* find_madt(uint32_t* len) {
+  const uint8_t* rsdp = find_rsdp();
+  if (rsdp == nullptr) return nullptr;
+  uint32_t root_len = 0;
+  const uint8_t* root = nullptr;
+  uint32_t entry_size = 8;
+  if (rsdp[15] >= 2) root = acpi_table(read_u64(rsdp + 24), "XSDT", &root_len);
+  if (root == nullptr) {
+    root = acpi_table(read_u32(rsdp + 16), "RSDT", &root_len);
+    entry_size = 4;
+  }
+  if (root == nullptr) return nullptr;
+  for (uint32_t offset = 36; offset + entry_size <= root_len; offset += entry_size) {
+    uint64_t addr = entry_size == 8 ? read_u64(root + offset) : read_u32(root + offset);
+    if (const uint8_t* madt = acpi_table(addr, "APIC", len)) return madt;
+  }
+  return nullptr;
+}
+
+void add_vm_cpu(uint32_t apic_id) {
+  if (apic_id >= kMaxCpus) {
+    log("testguest: error: a vCPU with APIC id ");
+    serial_print_dec(apic_id);
+    log(" is beyond this guest's ids; not used\n");
+    return;
+  }
+  for (uint32_t i = 0; i < g_vm_cpus; ++i)
+    if (g_vm_apic_ids[i] == apic_id) return;
+  g_vm_apic_ids[g_vm_cpus++] = apic_id;
+}
+
+// The VM's vCPUs: the MADT's processor entries (Local APIC and x2APIC, enabled or online
+// capable). Without a MADT (QEMU's microvm with acpi=off) the guest knows only the CPUs it
+// started at boot (msb.cpus), and those are its ceiling.
+void find_vm_cpus() {
+  uint32_t len = 0;
+  const uint8_t* madt = find_madt(&len);
+  add_vm_cpu(g_bsp_apic_id);
+  if (madt == nullptr) {
+    for (uint32_t id = 0; id < kMaxCpus; ++id)
+      if (g_cpu_state[id] == kCpuOnline) add_vm_cpu(id);
+    return;
+  }
+  for (uint32_t offset = 44; offset + 2 <= len;) {
+    uint8_t type = madt[offset];
+    uint8_t size = madt[offset + 1];
+    if (size < 2 || offset + size > len) break;
+    if (type == 0 && size >= 8 && (read_u32(madt + offset + 4) & 3) != 0)
+      add_vm_cpu(madt[offset + 3]);
+    else if (type == 9 && size >= 16 && (read_u32(madt + offset + 8) & 3) != 0)
+      add_vm_cpu(read_u32(madt + offset + 4));
+    offset += size;
+  }
+}
+
+// Waits up to a second for `apic_id`'s state to become `state`: a short spin first (an AP reacts
+// within microseconds to tens of them), then in timer ticks.
+bool wait_cpu_state(uint32_t apic_id, uint32_t state, bool resend_startup) {
+  for (uint32_t spin = 0; spin < 100000; ++spin) {
+    if (g_cpu_state[apic_id] == state) return true;
+    asm volatile("pause" ::: "memory");
+  }
+  for (uint32_t tick = 0; tick < 100; ++tick) {
+    if (g_cpu_state[apic_id] == state) return true;
+    if (resend_startup && tick == 2)  // the second SIPI, if the first was lost
+      send_ipi(apic_id, kIpiStartup | (kTrampolineAddr >> 12));
+    sleep_ticks(1);
+  }
+  return g_cpu_state[apic_id] == state;
+}
+
+// INIT-SIPI-SIPI, as the kernel does at boot: works for an AP never started and for one that
+// parked itself offline (INIT takes it out of its `cli; hlt`).
+bool start_ap(uint32_t apic_id) {
+  g_cpu_offline_request[apic_id] = 0;
+  ap_stack_top = reinterpret_cast<uint64_t>(g_ap_stacks[apic_id] + sizeof(g_ap_stacks[apic_id]));
+  full_barrier();
+  send_ipi(apic_id, kIpiInit);
+  sleep_ticks(1);
+  send_ipi(apic_id, kIpiStartup | (kTrampolineAddr >> 12));
+  return wait_cpu_state(apic_id, kCpuOnline, true);
+}
+
+bool stop_ap(uint32_t apic_id) {
+  g_cpu_offline_request[apic_id] = 1;
+  full_barrier();
+  send_ipi(apic_id, kIpiFixed | kWakeVector);
+  return wait_cpu_state(apic_id, kCpuOffline, false);
+}
+
+void log_cpu_failure(uint32_t apic_id, const char* what) {
+  log("testguest: error: vCPU with APIC id ");
+  serial_print_dec(apic_id);
+  log(what);
+}
+
+// Brings the online vCPUs to `wanted`, clamped to 1 .. the VM's vCPUs: starts the first APs of
+// the VM's list that are not online, or parks the last online ones. vCPU 0 (the BSP) stays.
+void set_online_cpus(uint32_t wanted) {
+  uint32_t target = wanted < 1 ? 1 : wanted > g_vm_cpus ? g_vm_cpus : wanted;
+  if (target != wanted) {
+    log("testguest: kRestore asks for ");
+    serial_print_dec(wanted);
+    log(" vCPUs; this VM has 1 to ");
+    serial_print_dec(g_vm_cpus);
+    log(": clamped to ");
+    serial_print_dec(target);
+    log("\n");
+  }
+  if (g_cpus_online < target && !g_aps_startable) {
+    log("testguest: error: CPUID shows no long mode: not starting APs\n");
+    target = g_cpus_online;
+  }
+  for (uint32_t i = 0; i < g_vm_cpus && g_cpus_online < target; ++i) {
+    uint32_t id = g_vm_apic_ids[i];
+    if (id == g_bsp_apic_id || g_cpu_state[id] == kCpuOnline) continue;
+    if (!start_ap(id)) log_cpu_failure(id, " did not start\n");
+  }
+  for (uint32_t i = g_vm_cpus; i-- > 0 && g_cpus_online > target;) {
+    uint32_t id = g_vm_apic_ids[i];
+    if (id == g_bsp_apic_id || g_cpu_state[id] != kCpuOnline) continue;
+    if (!stop_ap(id)) log_cpu_failure(id, " did not go offline\n");
+  }
+}
+
+void send_ready() {
+  struct {
+    agent::ReadyPayload ready;
+    char name[10];
+  } ready{{agent::kProtocolVersion, 1}, "testguest"};
+  send_frame(agent::kReady, 0, &ready, sizeof(ready));
+}
+
+// kRestore (agent_protocol.h): applied in full, then kReady. A frame too short for its payload
+// and a name is ignored, like other malformed frames.
+void handle_restore(const uint8_t* payload, uint32_t len) {
+  agent::RestorePayload restore;
+  const char* name = reinterpret_cast<const char*>(payload + sizeof(restore));
+  const char* end = reinterpret_cast<const char*>(payload + len);
+  const char* name_end = name;
+  while (name_end < end && *name_end != 0)
+    ++name_end;
+  if (len < sizeof(restore) + 1 || name_end == end) {
+    log("testguest: error: malformed kRestore frame ignored\n");
+    return;
+  }
+  memcpy(&restore, payload, sizeof(restore));
+
+  uint64_t words[agent::kRestoreEntropyBytes / 8 + 1];
+  memcpy(words, restore.entropy, agent::kRestoreEntropyBytes);
+  words[agent::kRestoreEntropyBytes / 8] = rdtsc();
+  pool_absorb(g_pool, words, agent::kRestoreEntropyBytes / 8 + 1);
+
+  g_wall_clock_ns = restore.wall_clock_ns;
+  g_wall_clock_ticks = g_ticks;
+
+  size_t name_len = static_cast<size_t>(name_end - name);
+  if (name_len >= sizeof(g_hostname)) {
+    log("testguest: kRestore's name is longer than 255 bytes: cut\n");
+    name_len = sizeof(g_hostname) - 1;
+  }
+  memcpy(g_hostname, name, name_len);
+  g_hostname[name_len] = 0;
+
+  g_memory_mib = restore.memory_mib;
+  set_online_cpus(restore.cpus);
+
+  log("testguest: restored as ");
+  log(g_hostname);
+  log(": ");
+  serial_print_dec(g_cpus_online);
+  log(" of ");
+  serial_print_dec(g_vm_cpus);
+  log(" vCPUs online, ");
+  serial_print_dec(g_memory_mib);
+  log(" MiB\n");
+  send_ready();
+}
+
 void handle_frame(const agent::FrameHeader& header, const uint8_t* payload) {
   switch (header.type) {
     case agent::kExec:
@@ -637,7 +988,16 @@ void handle_frame(const agent::FrameHeader& header, const uint8_t* payload) {
       if (g_cat_running && header.id == g_cat_id) {
         if (header.length == 0) {
           g_cat_running = false;
-          send_exit(g_cat_id, 0, 0);
+          if (g_cat_loads) {
+            finish_load();
+          } else {
+            send_exit(g_cat_id, 0, 0);
+          }
+        } else if (g_cat_loads) {
+          uint64_t room = g_load_limit - g_load_bytes;
+          uint64_t n = header.length < room ? header.length : room;
+          memcpy(reinterpret_cast<uint8_t*>(kFillBase) + g_load_bytes, payload, n);
+          g_load_bytes += n;
         } else {
           send_frame(agent::kStdout, g_cat_id, payload, header.length);
         }
@@ -648,11 +1008,15 @@ void handle_frame(const agent::FrameHeader& header, const uint8_t* payload) {
         int32_t signal;
         memcpy(&signal, payload, sizeof(signal));
         g_cat_running = false;
+        g_cat_loads = false;
         send_exit(g_cat_id, -1, signal);
       }
       break;
     case agent::kSetEnv:
       handle_set_env(payload, header.length);
+      break;
+    case agent::kRestore:
+      handle_restore(payload, header.length);
       break;
     case agent::kPowerOff:
       log("testguest: power off\n");
@@ -791,13 +1155,15 @@ void probe_devices() {
 }
 
 void print_boot_line() {
-  uint64_t ram = 0;
-  for (uint32_t i = 0; i < g_boot_info.ram_count; ++i)
-    ram += g_boot_info.ram[i].size;
   serial_print("testguest: ");
   serial_print_dec(g_cpus_online);
-  serial_print(g_cpus_online == 1 ? " vCPU, " : " vCPUs, ");
-  serial_print_dec(ram >> 20);
+  serial_print(g_cpus_online == 1 ? " vCPU" : " vCPUs");
+  if (g_vm_cpus != g_cpus_online) {
+    serial_print(" of ");
+    serial_print_dec(g_vm_cpus);
+  }
+  serial_print(", ");
+  serial_print_dec(g_memory_mib);
   serial_print(" MiB, virtio");
   if (g_have_console) {
     serial_print(" console@");
@@ -819,6 +1185,9 @@ extern "C" [[noreturn]] void agent_main() {
   serial_print("testguest: cmdline: ");
   serial_print(g_boot_info.cmdline);
   serial_print("\n");
+  seed_pool();
+  g_memory_mib = boot_memory_mib();
+  find_vm_cpus();
   probe_devices();
   print_boot_line();
   if (!g_have_console) {
@@ -829,12 +1198,7 @@ extern "C" [[noreturn]] void agent_main() {
   g_irq_seen = g_irq_count - 1;
   __atomic_fetch_or(&g_device_irqs, ~uint64_t{0}, __ATOMIC_SEQ_CST);
   poll_interrupts();
-
-  struct {
-    agent::ReadyPayload ready;
-    char name[10];
-  } ready{{agent::kProtocolVersion, 1}, "testguest"};
-  send_frame(agent::kReady, 0, &ready, sizeof(ready));
+  send_ready();
 
   for (;;) {
     poll_interrupts();
@@ -842,6 +1206,7 @@ extern "C" [[noreturn]] void agent_main() {
     reclaim_tx();
     if (g_cat_running && g_cat_deadline != 0 && g_ticks >= g_cat_deadline) {
       g_cat_running = false;
+      g_cat_loads = false;
       send_exit(g_cat_id, -1, 9);
       progress = true;
     }

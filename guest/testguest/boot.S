@@ -199,6 +199,8 @@ irq_common:
         mov 8(%rsp), %rax
         cmp $0x20, %rax
         je 2f
+        cmp $0xf0, %rax           // kWakeVector and up: not counted
+        jae 8f
         // A device interrupt (vector kDeviceVectorBase + GSI, GSIs 0-47): mark its GSI pending,
         // so that the agent reads and acks only the devices that interrupted (every register
         // access is a VM exit). Vectors below 0x30 wrap to large values and are skipped.
@@ -213,11 +215,17 @@ irq_common:
         movl $TIMER_COUNT, (%rax)
         lock incq g_ticks(%rip)
 5:      lock incq g_irq_count(%rip)
-        mov $LAPIC_EOI, %eax
+13:     mov $LAPIC_EOI, %eax
         movl $0, (%rax)
-        pop %rax
+14:     pop %rax
         add $8, %rsp
         iretq
+        // The wake-up IPI an AP gets to go offline (see ap_main) needs only its EOI. The LAPIC's
+        // spurious vector 0xff (a spurious interrupt, which a restored VM may also see) has
+        // nothing in service, so it gets no EOI (an EOI ends the highest interrupt in service).
+8:      cmp $0xff, %rax
+        je 14b
+        jmp 13b
 
 // System calls are `int3` through a DPL 3 gate: under PVM (msb's development host) `int $0x80`
 // from user mode raises #UD, and `syscall` needs EFER.SCE, which KVM refuses unless the VMM's

@@ -9,14 +9,17 @@ namespace testguest {
 extern "C" {
 BootInfo g_boot_info;
 uint32_t g_bsp_apic_id;
+bool g_aps_startable;
 volatile uint64_t g_ticks;
 volatile uint64_t g_irq_count;
 volatile uint64_t g_device_irqs;
 volatile uint32_t g_cpus_online;
+volatile uint32_t g_cpu_state[kMaxCpus];
+volatile uint32_t g_cpu_offline_request[kMaxCpus];
+alignas(16) uint8_t g_ap_stacks[kMaxCpus][4096];
 
 // boot.S
 extern uint64_t gdt[];
-extern uint64_t ap_stack_top;
 extern const uint8_t ap_trampoline_start[];
 extern const uint8_t ap_trampoline_end[];
 extern const uint8_t exception_stubs[];
@@ -28,14 +31,8 @@ extern const uint8_t syscall_entry[];
 
 namespace {
 
-// A free page below 1 MiB for the AP trampoline (msb uses 0x500-0xefff, 0x20000 and 0xe0000).
-constexpr uint64_t kTrampolineAddr = 0x10000;
-
-constexpr uint32_t kLapicId = 0x20;
 constexpr uint32_t kLapicTpr = 0x80;
 constexpr uint32_t kLapicSvr = 0xf0;
-constexpr uint32_t kLapicIcrLow = 0x300;
-constexpr uint32_t kLapicIcrHigh = 0x310;
 constexpr uint32_t kLapicLvtTimer = 0x320;
 constexpr uint32_t kLapicTimerInitial = 0x380;
 constexpr uint32_t kLapicTimerDivide = 0x3e0;
@@ -73,14 +70,6 @@ Tss g_tss;
 alignas(16) IdtGate g_idt[256];
 alignas(16) uint8_t g_kernel_stack[16384];     // RSP0: interrupts and syscalls from the agent
 alignas(16) uint8_t g_user_stack[256 * 1024];  // the agent's stack
-alignas(16) uint8_t g_ap_stacks[kMaxCpus][4096];
-
-uint32_t lapic_read(uint32_t reg) {
-  return mmio_read32(kLapicBase + reg);
-}
-void lapic_write(uint32_t reg, uint32_t value) {
-  mmio_write32(kLapicBase + reg, value);
-}
 
 void set_gate(unsigned vector, const void* handler, uint8_t dpl) {
   uint64_t address = reinterpret_cast<uint64_t>(handler);
@@ -123,6 +112,7 @@ void read_zero_page(uint64_t zero_page) {
   uint64_t cmdline = *reinterpret_cast<const uint32_t*>(zp + 0x228) |
                      static_cast<uint64_t>(*reinterpret_cast<const uint32_t*>(zp + 0x0c8)) << 32;
   copy_cmdline(cmdline);
+  g_boot_info.rsdp = *reinterpret_cast<const uint64_t*>(zp + 0x070);  // acpi_rsdp_addr
   uint32_t entries = zp[0x1e8];
   if (entries > 128) entries = 128;
   for (uint32_t i = 0; i < entries; ++i) {
@@ -141,6 +131,7 @@ void read_hvm_start_info(uint64_t info) {
     return;
   }
   copy_cmdline(*reinterpret_cast<const uint64_t*>(si + 24));
+  g_boot_info.rsdp = *reinterpret_cast<const uint64_t*>(si + 32);  // rsdp_paddr
   uint32_t version = *reinterpret_cast<const uint32_t*>(si + 4);
   if (version < 1) return;
   uint64_t memmap = *reinterpret_cast<const uint64_t*>(si + 40);
@@ -193,25 +184,16 @@ void wait_ticks(uint64_t n) {
     asm volatile("sti; hlt; cli" ::: "memory");
 }
 
-void send_ipi(uint32_t apic_id, uint32_t low) {
-  lapic_write(kLapicIcrHigh, apic_id << 24);
-  lapic_write(kLapicIcrLow, low);
-  while (lapic_read(kLapicIcrLow) & (1u << 12)) {
-  }
-}
-
+// The agent starts APs the same way after a kRestore (agent.cpp, set_online_cpus).
 void start_aps(uint32_t cpus) {
-  memcpy(reinterpret_cast<void*>(kTrampolineAddr), ap_trampoline_start,
-         static_cast<size_t>(ap_trampoline_end - ap_trampoline_start));
-  uint32_t stack = 0;
   for (uint32_t apic_id = 0; apic_id < cpus; ++apic_id) {
     if (apic_id == g_bsp_apic_id) continue;
     uint32_t expected = g_cpus_online + 1;
-    ap_stack_top = reinterpret_cast<uint64_t>(g_ap_stacks[stack++ + 1]);
+    ap_stack_top = reinterpret_cast<uint64_t>(g_ap_stacks[apic_id] + sizeof(g_ap_stacks[apic_id]));
     compiler_barrier();
-    send_ipi(apic_id, 0x4500);  // INIT, assert
+    send_ipi(apic_id, kIpiInit);
     wait_ticks(1);
-    constexpr uint32_t kStartup = 0x4600 | (kTrampolineAddr >> 12);
+    constexpr uint32_t kStartup = kIpiStartup | (kTrampolineAddr >> 12);
     send_ipi(apic_id, kStartup);
     for (uint32_t attempt = 0; attempt < 100 && g_cpus_online < expected; ++attempt) {
       if (attempt == 2) send_ipi(apic_id, kStartup);  // the second SIPI, if the first was lost
@@ -227,13 +209,29 @@ void start_aps(uint32_t cpus) {
 
 }  // namespace
 
-extern "C" void ap_main() {
+// An AP, started by INIT-SIPI-SIPI (at boot, or by the agent after a kRestore; also after it was
+// offline). It counts itself online and halts; woken with g_cpu_offline_request set, it counts
+// itself offline and parks with interrupts off, which only an INIT undoes.
+extern "C" [[noreturn]] void ap_main() {
   load_idt();
   lapic_write(kLapicTpr, 0);
   lapic_write(kLapicSvr, 0x1ff);
+  uint32_t id = lapic_read(kLapicId) >> 24;
+  while (id >= kMaxCpus)  // never: only ids below kMaxCpus are started
+    asm volatile("cli; hlt" ::: "memory");
+  // Counted before its state says online: whoever waits for the state then sees the count.
   asm volatile("lock incl %0" : "+m"(g_cpus_online));
-  for (;;)
-    asm volatile("sti; hlt" ::: "memory");
+  g_cpu_state[id] = kCpuOnline;
+  for (;;) {
+    // Interrupts are off here, so a wake-up that comes after this check is pending at `sti`.
+    if (g_cpu_offline_request[id] != 0) {
+      asm volatile("lock decl %0" : "+m"(g_cpus_online));
+      g_cpu_state[id] = kCpuOffline;
+      for (;;)
+        asm volatile("cli; hlt" ::: "memory");
+    }
+    asm volatile("sti; hlt; cli" ::: "memory");
+  }
 }
 
 struct ExceptionFrame {
@@ -294,9 +292,14 @@ extern "C" void kernel_main(uint64_t boot_pointer, uint32_t kind) {
   lapic_write(kLapicLvtTimer, kTimerVector);  // one-shot, re-armed by each tick
   lapic_write(kLapicTimerInitial, kLapicTimerHz / kTimerHz);
   g_cpus_online = 1;
+  if (g_bsp_apic_id < kMaxCpus) g_cpu_state[g_bsp_apic_id] = kCpuOnline;
+  // The AP trampoline stays there: the agent starts APs with it too.
+  memcpy(reinterpret_cast<void*>(kTrampolineAddr), ap_trampoline_start,
+         static_cast<size_t>(ap_trampoline_end - ap_trampoline_start));
 
+  g_aps_startable = cpuid_has_long_mode();
   uint32_t cpus = requested_cpus();
-  if (cpus > 1 && !cpuid_has_long_mode()) {
+  if (cpus > 1 && !g_aps_startable) {
     serial_print(
         "testguest: error: CPUID shows no long mode (did the VMM set CPUID?): APs would triple "
         "fault entering long mode, not starting them\n");

@@ -2,7 +2,10 @@
 """Boots msb's test guest under QEMU (microvm, TCG) and checks every command over the agent
 protocol (guest/protocol/agent_protocol.h) against pattern.h's formulas. A development tool:
 
-    guest/testguest/qemu_check.py build/cli/testguest [--cpus 2] [--acpi on|off] [--keep]
+    guest/testguest/qemu_check.py build/cli/testguest [--cpus 2] [--max-cpus N] [--acpi on|off] [--keep]
+
+--max-cpus gives QEMU more vCPUs (-smp) than the guest starts at boot (msb.cpus=--cpus); with
+--acpi on the guest finds them in the MADT and a kRestore can bring them online.
 
 Exit status 0 when every check passed.
 """
@@ -16,7 +19,7 @@ import tempfile
 import time
 
 K_READY, K_STDOUT, K_STDERR, K_EXIT = 1, 2, 3, 4
-K_EXEC, K_STDIN, K_SIGNAL, K_SETENV, K_POWEROFF = 16, 17, 18, 19, 20
+K_EXEC, K_STDIN, K_SIGNAL, K_SETENV, K_POWEROFF, K_RESTORE = 16, 17, 18, 19, 20, 21
 MASK = (1 << 64) - 1
 
 
@@ -39,6 +42,15 @@ def checksum_bytes(data):
     for (word,) in struct.iter_unpack("<Q", data):
         checksum = ((checksum ^ word) * 0x100000001B3) & MASK
     return checksum
+
+
+def restore_payload(cpus, memory_mib, name, entropy=None, wall_clock_ns=None):
+    """kRestore's payload: RestorePayload (56 bytes), then the name."""
+    if wall_clock_ns is None:
+        wall_clock_ns = time.time_ns()
+    if entropy is None:
+        entropy = os.urandom(32)
+    return struct.pack("<QQII", wall_clock_ns, memory_mib, cpus, 0) + entropy + name.encode() + b"\0"
 
 
 def pattern_bytes(seed, words):
@@ -109,9 +121,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("kernel")
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--max-cpus", type=int, default=0, help="QEMU's vCPUs (default: --cpus)")
     parser.add_argument("--acpi", default="off")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
+    max_cpus = max(args.max_cpus, args.cpus)
+    # The most vCPUs a kRestore can bring online: the MADT's (QEMU's -smp) with ACPI, else the
+    # ones the guest started at boot.
+    ceiling = max_cpus if args.acpi == "on" else args.cpus
 
     tmp = tempfile.mkdtemp(prefix="testguest-")
     disk, log = (os.path.join(tmp, n) for n in ("disk.img", "serial.log"))
@@ -126,7 +143,7 @@ def main():
     if args.acpi == "on":
         append += "".join(f" virtio_mmio.device=512@{0xFEB00000 + 512 * i:#x}:{24 + i}" for i in range(24))
     cmd = ["qemu-system-x86_64", "-M", f"microvm,acpi={args.acpi}", "-accel", "tcg", "-m", "256",
-           "-smp", str(args.cpus), "-nodefaults", "-no-user-config", "-nographic",
+           "-smp", str(max_cpus), "-nodefaults", "-no-user-config", "-nographic",
            "-serial", f"file:{log}", "-kernel", args.kernel, "-append", append,
            "-global", "virtio-mmio.force-legacy=false",
            "-device", "virtio-serial-device",
@@ -156,6 +173,41 @@ def main():
         check("env", agent.run(["env"], env=["A=2", "B=3"]),
               ((0, 0), b"HOME=/root\nPATH=/bin\nA=2\nB=3\n", b""))
         check("cpus", agent.run(["cpus"]), ((0, 0), f"{args.cpus}\n".encode(), b""))
+        check("mem", agent.run(["mem"]), ((0, 0), b"256\n", b""))
+        check("hostname", agent.run(["hostname"]), ((0, 0), b"testguest\n", b""))
+        check("clock before kRestore", agent.run(["clock"]), ((0, 0), b"0\n", b""))
+        first, second = agent.run(["random"]), agent.run(["random"])
+        check("random", (first[0], len(first[1]), first[1][-1:], first[2]), ((0, 0), 33, b"\n", b""))
+        check("random is fresh each time", first[1] != second[1], True)
+
+        # kRestore: a malformed one is ignored; a good one is applied, then answered with kReady.
+        agent.send(K_RESTORE, 0, b"short")
+        check("malformed kRestore ignored", agent.run(["echo", "still", "here"]),
+              ((0, 0), b"still here\n", b""))
+
+        def restore(cpus, memory_mib, name):
+            agent.send(K_RESTORE, 0, restore_payload(cpus, memory_mib, name))
+            frame_type, frame_id, payload = agent.recv()
+            check(f"kRestore cpus={cpus} answered kReady", (frame_type, frame_id, payload[:8]),
+                  (K_READY, 0, struct.pack("<II", 1, 1)))
+
+        # The guest's vCPU ceiling: the MADT's CPUs with acpi=on (-smp), those it started without.
+        restore(1, 200, "fork-1")
+        check("cpus after kRestore 1", agent.run(["cpus"]), ((0, 0), b"1\n", b""))
+        check("mem after kRestore", agent.run(["mem"]), ((0, 0), b"200\n", b""))
+        check("hostname after kRestore", agent.run(["hostname"]), ((0, 0), b"fork-1\n", b""))
+        clock = int(agent.run(["clock"])[1])
+        check(f"clock after kRestore ({clock} vs {int(time.time())})", abs(clock - time.time()) <= 2, True)
+        check("random after kRestore", agent.run(["random"])[1] not in (first[1], second[1]), True)
+        restore(ceiling, 256, "fork-2")
+        check(f"cpus after kRestore {ceiling}", agent.run(["cpus"]), ((0, 0), f"{ceiling}\n".encode(), b""))
+        restore(99, 256, "fork-3")
+        check("kRestore cpus=99 clamped", agent.run(["cpus"]), ((0, 0), f"{ceiling}\n".encode(), b""))
+        restore(0, 256, "fork-4")
+        check("kRestore cpus=0 clamped", agent.run(["cpus"]), ((0, 0), b"1\n", b""))
+        restore(args.cpus, 256, "fork-5")
+        check(f"cpus back to {args.cpus}", agent.run(["cpus"]), ((0, 0), f"{args.cpus}\n".encode(), b""))
+        agent.send(K_SETENV, 0, struct.pack("<I", len(env)) + b"".join(e.encode() + b"\0" for e in env))
         (code, _), out, _ = agent.run(["ticks"])
         check("ticks", code == 0 and int(out) >= 0, True)
         time.sleep(1)
