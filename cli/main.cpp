@@ -7,6 +7,7 @@
 
 #include "cli/context.h"
 #include "cli/sandbox_commands.h"
+#include "cli/snapshot_commands.h"
 #include "cli/store_commands.h"
 #include "core/vmm_process.h"
 
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "msb " MSB_VERSION);
   app.require_subcommand(1);
   auto run_sandbox = msb::cli::add_sandbox_commands(app, global);
+  auto run_snapshot = msb::cli::add_snapshot_commands(app, global);
   auto run_store = msb::cli::add_store_commands(app, global);
 
   try {
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
   }
   try {
     int code = run_sandbox();
+    if (code < 0) code = run_snapshot();
     return code >= 0 ? code : run_store();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "msb: error: %s\n", e.what());

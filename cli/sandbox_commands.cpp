@@ -125,18 +125,20 @@ int run_ls(const GlobalOptions& global, const SandboxArgs& args) {
   if (args.json) {
     nlohmann::json out = nlohmann::json::array();
     for (const auto& s : list) {
-      nlohmann::json entry = {{"name", s.name},
-                              {"state", s.state},
-                              {"pid", s.pid ? nlohmann::json(s.pid) : nlohmann::json()},
-                              {"cpus", s.cpus},
-                              {"max_cpus", s.max_cpus},
-                              {"memory_mib", s.memory_mib},
-                              {"max_memory_mib", s.max_memory_mib},
-                              {"kernel", s.kernel},
-                              {"created", s.created},
-                              {"uptime_s", s.uptime ? nlohmann::json(*s.uptime) : nlohmann::json()},
-                              {"reason", s.reason},
-                              {"detail", s.detail}};
+      nlohmann::json entry = {
+          {"name", s.name},
+          {"state", s.state},
+          {"pid", s.pid ? nlohmann::json(s.pid) : nlohmann::json()},
+          {"cpus", s.cpus},
+          {"max_cpus", s.max_cpus},
+          {"memory_mib", s.memory_mib},
+          {"max_memory_mib", s.max_memory_mib},
+          {"kernel", s.kernel},
+          {"created", s.created},
+          {"uptime_s", s.uptime ? nlohmann::json(*s.uptime) : nlohmann::json()},
+          {"reason", s.reason},
+          {"detail", s.detail},
+          {"parent", s.parent.empty() ? nlohmann::json() : nlohmann::json(s.parent)}};
       out.push_back(entry);
     }
     std::printf("%s\n", out.dump(2).c_str());

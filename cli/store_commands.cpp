@@ -8,6 +8,7 @@
 #include "cli/output.h"
 #include "core/archive.h"
 #include "core/home.h"
+#include "core/snapshot.h"
 #include "snapstore/error.h"
 
 namespace msb::cli {
@@ -163,8 +164,12 @@ int run_verify(const GlobalOptions& global, const StoreArgs&) {
 }
 
 int run_gc(const GlobalOptions& global, const StoreArgs& args) {
-  auto store = home_of(global).open_store(/*exclusive=*/true);
+  core::Home home = home_of(global);
+  auto store = home.open_store(/*exclusive=*/true);
   snapstore::GcReport r = store->gc(args.dry_run);
+  // Restores' materialized copies of snapshots that are gone now (running sandboxes keep theirs
+  // mapped; a stopped one rebuilds it from the snapshot it holds).
+  if (!args.dry_run) core::prune_snapshot_caches(home, *store);
   std::printf(
       "%s %llu chunks (%s), %llu manifests, %llu stale pins, %llu temporary files; "
       "kept %llu chunks, %llu manifests\n",

@@ -10,7 +10,8 @@
 # The subcommands of a command path (none for a leaf).
 _msb_subcommands() {
     case $1 in
-        "msb") echo "create exec ls logs stop start rm run store" ;;
+        "msb") echo "create exec ls logs stop start pause resume rm run snapshot restore store" ;;
+        "msb snapshot") echo "create save-named ls inspect rm" ;;
         "msb store") echo "put get ls rm stats verify gc" ;;
     esac
 }
@@ -27,8 +28,12 @@ _msb_options() {
         "msb stop") echo "$global --timeout" ;;
         "msb rm") echo "$global -f --force" ;;
         "msb run") echo "$global --name --kernel --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus --max-memory --env --workdir --timeout" ;;
+        "msb snapshot create") echo "$global --resume --json" ;;
+        "msb snapshot save-named") echo "$global -f --force" ;;
+        "msb snapshot inspect") echo "$global --json --verify" ;;
+        "msb restore") echo "$global --name --fork --memory --cpus --env --json" ;;
         "msb store put") echo "$global -f --force" ;;
-        "msb ls" | "msb store ls" | "msb store stats") echo "$global --json" ;;
+        "msb ls" | "msb snapshot ls" | "msb store ls" | "msb store stats") echo "$global --json" ;;
         "msb store gc") echo "$global -n --dry-run" ;;
         *) echo "$global" ;;
     esac
@@ -46,6 +51,15 @@ _msb_names() {
     for file in "$home"/store/names/*; do
         [[ -f $file ]] && printf '%s\n' "${file##*/}"
     done
+}
+
+# Snapshot names: the store's names, less msb's own ("sandbox.*"). Whether a name is a snapshot's
+# or a file's would take reading its manifest; offering both is cheap and harmless.
+_msb_snapshot_names() {
+    local name
+    while IFS= read -r name; do
+        [[ $name == sandbox.* ]] || printf '%s\n' "$name"
+    done < <(_msb_names "$1")
 }
 
 # Existing sandboxes: the folders under $home/sandboxes, read directly for the same reasons.
@@ -78,7 +92,8 @@ _msb_files() {
 _msb_arguments() {
     local names=()
     case "$1 $2" in
-        "msb exec 1" | "msb logs 1" | "msb stop 1" | "msb start 1")
+        "msb exec 1" | "msb logs 1" | "msb stop 1" | "msb start 1" | "msb pause 1" | \
+            "msb resume 1" | "msb snapshot create 1")
             mapfile -t names < <(_msb_sandboxes "$home") ;;
         "msb rm "*)
             local name given
@@ -100,6 +115,20 @@ _msb_arguments() {
                 done
                 names+=("$name")
             done < <(_msb_names "$home") ;;
+        "msb snapshot save-named 1" | "msb snapshot inspect 1" | "msb restore 1")
+            # A handle is typed (or pasted); names are what can be completed.
+            mapfile -t names < <(_msb_snapshot_names "$home") ;;
+        "msb snapshot save-named 2")
+            # A new name needs no completion; with --force the point is to replace one.
+            [[ $force == 1 ]] && mapfile -t names < <(_msb_snapshot_names "$home") ;;
+        "msb snapshot rm "*)
+            local name given
+            while IFS= read -r name; do
+                for given in "${positionals[@]}"; do
+                    [[ $name == "$given" ]] && continue 2
+                done
+                names+=("$name")
+            done < <(_msb_snapshot_names "$home") ;;
         "msb store put 2" | "msb store get 2")
             _msb_files
             return ;;
@@ -147,7 +176,7 @@ _msb() {
                 --home=*) home=${word#--home=}; continue ;;
                 # Options with a value: skip the value too.
                 --kernel | --initrd | --disk | --disk-size | --cmdline | --cpus | --memory | \
-                    --max-cpus | --max-memory | --env | --workdir | --timeout | --name)
+                    --max-cpus | --max-memory | --env | --workdir | --timeout | --name | --fork)
                     ((i++))
                     continue ;;
                 -f | --force) force=1; continue ;;

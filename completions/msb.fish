@@ -16,9 +16,18 @@ set -g __fish_msb_tree \
     'msb' logs "Print a sandbox's console log" \
     'msb' stop 'Power a sandbox off' \
     'msb' start 'Boot a stopped sandbox again' \
+    'msb' pause 'Pause a running sandbox (its vCPUs stop)' \
+    'msb' resume 'Let a paused sandbox run again' \
     'msb' rm 'Remove sandboxes and everything in their folders' \
     'msb' run 'Create a sandbox, run one command in it, remove it' \
+    'msb' snapshot 'Capture, name, list and remove snapshots' \
+    'msb' restore 'Start sandboxes from a snapshot, without booting' \
     'msb' store 'Inspect and maintain the content-addressed store' \
+    'msb snapshot' create 'Pause a sandbox, capture its whole state, print the handle' \
+    'msb snapshot' save-named 'Keep a snapshot under a name that outlives its sandbox' \
+    'msb snapshot' ls 'List snapshots' \
+    'msb snapshot' inspect 'Show a snapshot' \
+    'msb snapshot' rm 'Remove snapshot names' \
     'msb store' put 'Store a file under a name (chunked, deduplicated)' \
     'msb store' get 'Write a file stored under a name' \
     'msb store' ls 'List the names in the store' \
@@ -55,7 +64,7 @@ function __fish_msb_parse
                     set home (string replace -- --home= '' $token)
                     continue
                 case --kernel --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus \
-                    --max-memory --env --workdir --timeout --name
+                    --max-memory --env --workdir --timeout --name --fork
                     # An option with a value: skip the value too.
                     set i (math $i + 1)
                     continue
@@ -120,6 +129,12 @@ function __fish_msb_names
             echo $name
         end
     end
+end
+
+# Snapshot names: the store's names less msb's own (sandbox.*). Telling a snapshot's name from a
+# file's would take reading its manifest; offering both is cheap and harmless. A handle is typed.
+function __fish_msb_snapshot_names
+    __fish_msb_names | string match -v -- 'sandbox.*'
 end
 
 # Existing sandboxes: the folders under sandboxes/, less the positional arguments already given.
@@ -191,3 +206,36 @@ complete -c msb -n "__fish_msb_using 'msb store rm'" -a '(__fish_msb_names)' -d 
 complete -c msb -n "__fish_msb_using 'msb store stats'" -l json -d 'Print JSON'
 complete -c msb -n "__fish_msb_using 'msb store gc'" -s n -l dry-run \
     -d 'Only report what would be removed'
+complete -c msb -n "__fish_msb_arg 'msb pause' 1" -a '(__fish_msb_sandboxes)' -d Sandbox
+complete -c msb -n "__fish_msb_arg 'msb resume' 1" -a '(__fish_msb_sandboxes)' -d Sandbox
+complete -c msb -n "__fish_msb_using 'msb snapshot create'" -l resume \
+    -d 'Let the sandbox run again once it is captured'
+complete -c msb -n "__fish_msb_using 'msb snapshot create'" -l json \
+    -d 'Print timings and sizes as JSON'
+complete -c msb -n "__fish_msb_arg 'msb snapshot create' 1" -a '(__fish_msb_sandboxes)' -d Sandbox
+complete -c msb -n "__fish_msb_using 'msb snapshot save-named'" -s f -l force \
+    -d 'Replace the name if it exists'
+complete -c msb -n "__fish_msb_arg 'msb snapshot save-named' 1" \
+    -a '(__fish_msb_snapshot_names)' -d Snapshot
+complete -c msb -n "__fish_msb_arg 'msb snapshot save-named' 2; and __fish_msb_forced" \
+    -a '(__fish_msb_snapshot_names)' -d Name
+complete -c msb -n "__fish_msb_using 'msb snapshot ls'" -l json -d 'Print JSON'
+complete -c msb -n "__fish_msb_using 'msb snapshot inspect'" -l json -d 'Print JSON'
+complete -c msb -n "__fish_msb_using 'msb snapshot inspect'" -l verify \
+    -d 'Re-read and check every chunk it references'
+complete -c msb -n "__fish_msb_arg 'msb snapshot inspect' 1" \
+    -a '(__fish_msb_snapshot_names)' -d Snapshot
+complete -c msb -n "__fish_msb_using 'msb snapshot rm'" -a '(__fish_msb_snapshot_names)' -d Snapshot
+complete -c msb -n "__fish_msb_using 'msb restore'" -l name -x \
+    -d 'Name of the new sandbox (with --fork, their prefix)'
+complete -c msb -n "__fish_msb_using 'msb restore'" -l fork -x \
+    -d 'Start K sandboxes, NAME-0 .. NAME-(K-1), at once'
+complete -c msb -n "__fish_msb_using 'msb restore'" -l memory -x \
+    -d "Memory to grant in MiB (within the snapshot's --max-memory)"
+complete -c msb -n "__fish_msb_using 'msb restore'" -l cpus -x \
+    -d "vCPUs to have online (within the snapshot's --max-cpus)"
+complete -c msb -n "__fish_msb_using 'msb restore'" -l env -x \
+    -d "KEY=VALUE over the snapshot's environment"
+complete -c msb -n "__fish_msb_using 'msb restore'" -l json \
+    -d 'Print the sandboxes and timings as JSON'
+complete -c msb -n "__fish_msb_arg 'msb restore' 1" -a '(__fish_msb_snapshot_names)' -d Snapshot

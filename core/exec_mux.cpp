@@ -36,6 +36,7 @@ ExecMux::ExecMux(int guest_fd, int listen_fd, MuxOptions options)
     : guest_fd_(guest_fd), listen_fd_(listen_fd), options_(std::move(options)) {
   set_nonblocking(guest_fd_);
   if (listen_fd_ >= 0) set_nonblocking(listen_fd_);
+  if (!options_.restore_payload.empty()) send_guest(agent::kRestore, 0, options_.restore_payload);
 }
 
 ExecMux::~ExecMux() = default;
@@ -122,7 +123,10 @@ void ExecMux::run(int stop_fd) {
     for (auto& client : clients_) {
       if (client->state == State::kFinishing && client->out.empty()) client->gone = true;
     }
-    std::erase_if(clients_, [](const auto& client) { return client->gone; });
+    std::erase_if(clients_, [this](const auto& client) {
+      if (client->gone && client->holds_capture && on_capture_abandoned) on_capture_abandoned();
+      return client->gone;
+    });
   }
 }
 
@@ -292,6 +296,7 @@ void ExecMux::handle_request(Client& client, const std::string& text) {
   try {
     if (op == "status") {
       client.out += json_frame(control::kResponse, {{"ready", ready_},
+                                                    {"paused", paused_},
                                                     {"guest_broken", guest_broken_},
                                                     {"running", running_.size()},
                                                     {"queued", queue_.size()},
@@ -311,8 +316,8 @@ void ExecMux::handle_request(Client& client, const std::string& text) {
       if (!guest_broken_) send_guest(agent::kPowerOff, 0, {});
       auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
       if (!stop_deadline_ || deadline < *stop_deadline_) stop_deadline_ = deadline;
-      // A guest whose stream broke cannot hear kPowerOff: stop it at once.
-      if (guest_broken_) stop_deadline_ = Clock::now();
+      // A guest whose stream broke cannot hear kPowerOff, nor can a paused one: stop it at once.
+      if (guest_broken_ || paused_) stop_deadline_ = Clock::now();
       client.state = State::kStopping;
     } else if (op == "exec") {
       ExecRequest exec;
@@ -332,14 +337,60 @@ void ExecMux::handle_request(Client& client, const std::string& text) {
         fail(client, "the guest's agent stream is broken");
         return;
       }
+      if (paused_) {
+        fail(client, "the sandbox is paused (msb resume runs it again)");
+        return;
+      }
       client.request = std::move(exec);
       client.state = State::kQueued;
       queue_.push_back(&client);
+    } else if (op == "pause" || op == "resume" || op == "snapshot" || op == "snapshot_commit") {
+      handle_machine_request(client, op, request);
     } else {
       fail(client, "unknown request \"" + op + "\"");
     }
   } catch (const nlohmann::json::exception& e) {
     fail(client, std::string("malformed request: ") + e.what());
+  }
+}
+
+void ExecMux::handle_machine_request(Client& client, const std::string& op,
+                                     const nlohmann::json& request) {
+  if (!on_machine_request) {
+    fail(client, "this VMM does not serve \"" + op + "\"");
+    return;
+  }
+  if (op == "snapshot") {
+    // A snapshot must not cut a conversation with the agent in half: a restored guest would
+    // answer a host that never asked (docs/snapshots.md, "what is captured").
+    if (guest_broken_) return fail(client, "the guest's agent stream is broken");
+    if (!ready_) return fail(client, "the guest's agent is not ready yet");
+    if (!running_.empty() || !queue_.empty()) {
+      return fail(client, std::to_string(running_.size() + queue_.size()) +
+                              " command(s) are running in the sandbox; a snapshot needs none "
+                              "(wait for them, or stop them)");
+    }
+    if (!guest_out_.empty()) return fail(client, "the guest has not taken all its input yet");
+  }
+  if (op == "snapshot_commit" && !client.holds_capture) {
+    return fail(client, "snapshot_commit without a snapshot on this connection");
+  }
+  nlohmann::json response;
+  try {
+    response = on_machine_request(op, request);
+  } catch (const std::exception& e) {
+    if (op == "snapshot_commit") client.holds_capture = false;
+    return fail(client, e.what());
+  }
+  if (response.contains("paused")) paused_ = response["paused"].get<bool>();
+  client.out += json_frame(control::kResponse, response);
+  if (op == "snapshot") {
+    // The client stores the capture, then commits it on this connection.
+    client.holds_capture = true;
+    client.state = State::kRequest;
+  } else {
+    if (op == "snapshot_commit") client.holds_capture = false;
+    client.state = State::kFinishing;
   }
 }
 

@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/frames.h"
 #include "snapstore/file_util.h"
 
@@ -30,6 +32,9 @@ struct MuxOptions {
   // client anyway (the guest slot stays taken until the kExit comes).
   std::chrono::milliseconds kill_grace{5000};
   size_t max_clients = 1024;
+  // A restored guest sends no kReady of its own: the mux first sends kRestore with this payload
+  // (agent::RestorePayload then the name) and the guest answers kReady. Empty after a boot.
+  std::string restore_payload;
 };
 
 class ExecMux {
@@ -50,6 +55,13 @@ class ExecMux {
   std::function<void()> on_stop_timeout;
   // Where the mux reports what went wrong (a broken guest stream, a bad client request).
   std::function<void(const std::string&)> log;
+  // Requests about the machine itself: "pause", "resume", "snapshot" (capture; the client then
+  // sends "snapshot_commit" on the same connection) and "snapshot_commit". Returns the response
+  // (its "paused" field, when present, is the machine's state now); throws to fail the request.
+  std::function<nlohmann::json(const std::string& op, const nlohmann::json& request)>
+      on_machine_request;
+  // The client holding a capture went away without committing it.
+  std::function<void()> on_capture_abandoned;
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -65,6 +77,7 @@ class ExecMux {
     bool timed_out = false;
     std::optional<Clock::time_point> deadline;  // timeout, then kill grace
     bool gone = false;                          // to be removed at the end of the iteration
+    bool holds_capture = false;                 // sent "snapshot", not yet "snapshot_commit"
   };
 
   void accept_clients();
@@ -76,6 +89,7 @@ class ExecMux {
   void handle_guest_frame(Frame frame);
   void handle_client_frame(Client& client, Frame frame);
   void handle_request(Client& client, const std::string& json);
+  void handle_machine_request(Client& client, const std::string& op, const nlohmann::json& request);
   void start_queued();
   void disconnect(Client& client);
   void fail(Client& client, const std::string& error);
@@ -93,6 +107,7 @@ class ExecMux {
   std::string guest_out_;
   bool guest_broken_ = false;
   bool ready_ = false;
+  bool paused_ = false;
   uint32_t max_concurrent_ = 1;
   uint32_t next_id_ = 1;
   std::vector<std::unique_ptr<Client>> clients_;

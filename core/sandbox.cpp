@@ -20,6 +20,7 @@
 #include "core/archive.h"
 #include "core/control_client.h"
 #include "core/control_protocol.h"
+#include "core/snapshot.h"
 #include "guest/protocol/agent_protocol.h"
 #include "snapstore/error.h"
 #include "snapstore/file_util.h"
@@ -192,10 +193,16 @@ std::chrono::seconds boot_timeout() {
 // the caller then sees it gone and cleans up as for any failed boot or removal.
 volatile sig_atomic_t g_vmm_to_kill = 0;
 volatile sig_atomic_t g_interrupted_by = 0;
+// The VMMs of a restore with --fork (they start together): the handler kills them all.
+constexpr size_t kMaxVmmsToKill = 1024;
+volatile sig_atomic_t g_more_vmms_to_kill[kMaxVmmsToKill];
+volatile sig_atomic_t g_more_vmms = 0;
 
 extern "C" void kill_vmm_on_signal(int signal) {
   g_interrupted_by = signal;
   if (g_vmm_to_kill > 0) ::kill(g_vmm_to_kill, SIGKILL);
+  for (sig_atomic_t i = 0; i < g_more_vmms; ++i)
+    if (g_more_vmms_to_kill[i] > 0) ::kill(g_more_vmms_to_kill[i], SIGKILL);
 }
 
 std::string interrupted_message() {
@@ -448,6 +455,52 @@ Sandbox Sandbox::create(const Home& home, const CreateOptions& options) {
   return sandbox;
 }
 
+void Sandbox::create_restored(const Home& home, const std::vector<nlohmann::json>& configs) {
+  boot_timeout();  // a bad MSB_BOOT_TIMEOUT fails before anything is made
+  if (configs.size() > kMaxVmmsToKill) {
+    throw SandboxError("at most " + std::to_string(kMaxVmmsToKill) + " sandboxes start at once");
+  }
+  fs::create_directories(sandboxes_dir(home));
+  std::vector<std::string> names;
+  std::vector<fs::path> dirs;
+  std::vector<UniqueFd> locks;
+  std::vector<int> pids;
+  try {
+    for (const auto& config : configs) {
+      std::string name = config.at("name").get<std::string>();
+      snapstore::check_name(name);
+      fs::path dir = sandboxes_dir(home) / name;
+      if (::mkdir(dir.c_str(), 0700) != 0) {
+        if (errno == EEXIST) throw SandboxError("sandbox " + in_quotes(name) + " already exists");
+        snapstore::throw_errno("cannot create " + dir.string());
+      }
+      names.push_back(name);
+      dirs.push_back(dir);
+      locks.push_back(claim(dir, name));
+      write_json_file(dir / "config.json", config);
+    }
+    // From the first spawn on, an interrupt kills every VMM of this restore.
+    VmmInterruptGuard interrupt_guard(0);
+    for (size_t i = 0; i < dirs.size() && !g_interrupted_by; ++i) {
+      pids.push_back(spawn_vmm(dirs[i]));
+      g_more_vmms_to_kill[i] = pids.back();
+      g_more_vmms = static_cast<sig_atomic_t>(i + 1);
+    }
+    if (g_interrupted_by) throw SandboxError("restore " + interrupted_message());
+    for (size_t i = 0; i < dirs.size(); ++i)
+      wait_ready(names[i], dirs[i], pids[i], /*record_failure=*/false);
+  } catch (...) {
+    g_more_vmms = 0;
+    for (size_t i = 0; i < pids.size(); ++i)
+      kill_vmm(dirs[i], pids[i]);
+    std::error_code ec;
+    for (const auto& dir : dirs)
+      fs::remove_all(dir, ec);
+    throw;
+  }
+  g_more_vmms = 0;
+}
+
 Sandbox Sandbox::open(const Home& home, const std::string& name) {
   if (snapstore::name_problem(name) || !fs::is_directory(sandboxes_dir(home) / name)) {
     throw SandboxError("no sandbox " + in_quotes(name));
@@ -478,6 +531,7 @@ SandboxInfo Sandbox::info() const {
     info.max_memory_mib = config->value("max_memory_mib", uint64_t{0});
     info.kernel = config->value("kernel_name", std::string());
     info.created = config->value("created", std::string());
+    if (config->contains("restore")) info.parent = (*config)["restore"].value("handle", "");
   }
   bool claimed = lock_held(dir_ / "lock");
   if (vmm_running(dir_)) {
@@ -490,6 +544,7 @@ SandboxInfo Sandbox::info() const {
       info.uptime =
           double(now.tv_sec - st.st_mtim.tv_sec) + double(now.tv_nsec - st.st_mtim.tv_nsec) / 1e9;
     }
+    if (info.state == "running" && fs::exists(dir_ / "paused")) info.state = "paused";
   } else if (claimed) {
     info.state = "starting";
   } else if (auto exit = read_json_file(dir_ / "exit.json")) {
@@ -572,6 +627,18 @@ void Sandbox::start() const {
     throw SandboxError("sandbox " + in_quotes(name_) +
                        " has no config.json: remove it with msb rm");
   }
+  // A restored sandbox boots on its snapshot's disk delta: make sure it is materialized.
+  auto config = read_json_file(dir_ / "config.json");
+  if (config && config->contains("restore")) {
+    Home home = home_of();
+    auto store = home.open_store();
+    std::string handle = (*config)["restore"].value("handle", "");
+    try {
+      materialize_snapshot(home, *store, handle, {});
+    } catch (const std::exception& e) {
+      throw SandboxError("sandbox " + in_quotes(name_) + ": " + e.what());
+    }
+  }
   std::error_code ec;
   fs::remove(dir_ / "exit.json", ec);
   int pid = spawn_vmm(dir_);
@@ -593,6 +660,16 @@ void Sandbox::remove(bool force) const {
     snapstore::throw_errno("cannot remove " + dir_.string());
   }
   fs::remove_all(trash);
+  // Its unnamed snapshots go with it, and its hold on the snapshot it was restored from.
+  try {
+    release_sandbox_snapshots(home_of(), name_);
+  } catch (const std::exception&) {
+    // The store is busy (gc) or damaged: the names stay until msb store rm; nothing is lost.
+  }
+}
+
+Home Sandbox::home_of() const {
+  return Home::resolve(dir_.parent_path().parent_path());
 }
 
 void Sandbox::logs(bool follow, const std::function<void(std::string_view)>& out) const {

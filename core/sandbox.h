@@ -10,6 +10,9 @@
 //   disk.overlay   the sandbox's writable disk layer over the read-only base image
 //   exit.json      why the VMM process last stopped: {"state", "reason", "detail", "time"}
 //   vmm.log        the VMM process's own messages
+//   paused         present while the VMM holds the guest paused (msb pause, msb snapshot create)
+//   restored       present once a sandbox made by msb restore has continued its snapshot; later
+//                  starts boot (on the snapshot's disk delta and the sandbox's own overlay)
 //
 // No msb command holds VM state: every command finds the sandbox through its folder.
 #pragma once
@@ -23,6 +26,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "core/home.h"
 
@@ -92,7 +97,7 @@ struct ExecResult {
 
 struct SandboxInfo {
   std::string name;
-  std::string state;  // "running", "starting", "stopped" or "failed"
+  std::string state;  // "running", "paused", "starting", "stopped" or "failed"
   int pid = 0;        // while running
   unsigned cpus = 0, max_cpus = 0;
   uint64_t memory_mib = 0, max_memory_mib = 0;
@@ -101,6 +106,7 @@ struct SandboxInfo {
   std::optional<double> uptime;  // seconds, while running
   std::string reason;            // why it stopped: "powered-off", "killed", "triple-fault", ...
   std::string detail;
+  std::string parent;  // the snapshot it was restored from, or ""
 };
 
 class Sandbox {
@@ -111,6 +117,10 @@ class Sandbox {
   static Sandbox create(const Home& home, const CreateOptions& options);
   // An existing sandbox; throws SandboxError if there is none of that name.
   static Sandbox open(const Home& home, const std::string& name);
+  // Creates sandboxes from ready-made config.json documents (core/snapshot.cpp's restore: each
+  // has "name" and "restore"), starts their VMM processes all at once and returns once every
+  // guest answered. On any failure, or an interrupt, none of them is left behind.
+  static void create_restored(const Home& home, const std::vector<nlohmann::json>& configs);
   static std::vector<SandboxInfo> list(const Home& home);
 
   const std::string& name() const { return name_; }
@@ -131,6 +141,7 @@ class Sandbox {
  private:
   Sandbox(std::string name, std::filesystem::path dir)
       : name_(std::move(name)), dir_(std::move(dir)) {}
+  Home home_of() const;  // the state directory the sandbox's folder is in
   std::string name_;
   std::filesystem::path dir_;
 };

@@ -7,6 +7,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <sys/random.h>
+
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -19,9 +21,13 @@
 #include "core/control_client.h"
 #include "core/exec_mux.h"
 #include "core/home.h"
+#include "core/vmm_snapshot.h"
+#include "guest/protocol/agent_protocol.h"
 #include "snapstore/error.h"
 #include "snapstore/file_util.h"
+#include "snapstore/store.h"
 #include "vmm/machine.h"
+#include "vmm/machine_state.h"
 
 namespace msb::core {
 namespace {
@@ -74,7 +80,42 @@ vmm::MachineConfig machine_config(const nlohmann::json& config, int console_fd, 
   machine.disk_size = config.value("disk_size_mib", uint64_t{1024}) << 20;
   machine.console_log_fd = console_fd;
   machine.agent_fd = agent_fd;
+  // A sandbox restored from a snapshot keeps that snapshot's disk delta under its overlay, for
+  // every later boot too; the first start continues the snapshot's RAM.
+  if (config.contains("restore")) {
+    std::filesystem::path cache = config["restore"].at("cache").get<std::string>();
+    if (std::filesystem::exists(cache / "disk"))
+      machine.disk_layer_path = (cache / "disk").string();
+    machine.memory_path = (cache / "memory").string();
+  }
   return machine;
+}
+
+// The kRestore frame's payload: what a restored guest must learn before its first exec.
+std::string restore_payload(const nlohmann::json& config) {
+  agent::RestorePayload payload{};
+  timespec now{};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  payload.wall_clock_ns = uint64_t(now.tv_sec) * 1'000'000'000ull + uint64_t(now.tv_nsec);
+  payload.memory_mib = config.at("memory_mib").get<uint64_t>();
+  payload.cpus = config.at("cpus").get<uint32_t>();
+  // Every fork must draw different random numbers from then on (docs/snapshots.md).
+  size_t got = 0;
+  while (got < sizeof payload.entropy) {
+    ssize_t n = ::getrandom(payload.entropy + got, sizeof payload.entropy - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) snapstore::throw_errno("getrandom for the restored guest's entropy");
+    got += static_cast<size_t>(n);
+  }
+  std::string out(reinterpret_cast<const char*>(&payload), sizeof payload);
+  out += config.at("name").get<std::string>();
+  out += '\0';
+  return out;
+}
+
+// Whether this start continues a snapshot (the sandbox's first start after msb restore).
+bool restoring(const nlohmann::json& config) {
+  return config.contains("restore") && !std::filesystem::exists("restored");
 }
 
 }  // namespace
@@ -92,11 +133,14 @@ int run_vmm_process(const std::filesystem::path& dir) {
     return 1;
   }
   ::unlink("exit.json");
+  ::unlink("paused");
   UniqueFd listen_fd;
   UniqueFd agent_host, agent_guest, console;
   // After the fds it uses, so that it is destroyed before they close.
   std::unique_ptr<vmm::Machine> machine;
   nlohmann::json config;
+  std::string restore_frame;
+  std::string parent;  // the snapshot the running machine continues, for incremental snapshots
   try {
     publish("pid", std::to_string(::getpid()) + "\n");
     listen_fd = listen_unix("control.sock");
@@ -110,7 +154,25 @@ int run_vmm_process(const std::filesystem::path& dir) {
     }
     agent_host.reset(pair[0]);
     agent_guest.reset(pair[1]);
-    machine = vmm::Machine::create(machine_config(config, console.get(), agent_guest.get()));
+    auto machine_settings = machine_config(config, console.get(), agent_guest.get());
+    if (restoring(config)) {
+      std::filesystem::path cache = config["restore"].at("cache").get<std::string>();
+      nlohmann::json state_doc = nlohmann::json::parse(snapstore::read_file(cache / "state.json"));
+      vmm::MachineState state = vmm::MachineState::from_json(state_doc);
+      // The machine is the snapshot's; what the restore grants (cpus, memory within the
+      // ceilings) reaches the guest in kRestore, and the guest applies it.
+      machine_settings.cpus = state.cpus;
+      machine_settings.memory_mib = state.memory_mib;
+      machine = vmm::Machine::restore(machine_settings, state);
+      restore_frame = restore_payload(config);
+      parent = config["restore"].at("handle").get<std::string>();
+      // From now on a start boots (the RAM image is this sandbox's past, not its present).
+      publish("restored", parent + "\n");
+    } else {
+      machine_settings.memory_path.clear();
+      machine = vmm::Machine::create(machine_settings);
+      if (config.contains("restore")) parent.clear();
+    }
     machine->start();
   } catch (const std::exception& e) {
     record_exit("failed", "vmm-error", e.what());
@@ -134,11 +196,47 @@ int run_vmm_process(const std::filesystem::path& dir) {
 
   MuxOptions options;
   options.env = config.value("env", std::vector<std::string>{});
+  options.restore_payload = restore_frame;
   ExecMux mux(agent_host.get(), listen_fd.get(), options);
+  SnapshotSource snapshots(*machine, parent, snapstore::kDefaultChunkSize);
+  mux.on_machine_request = [&](const std::string& op, const nlohmann::json& request) {
+    nlohmann::json response;
+    if (op == "pause") {
+      machine->pause();
+      publish("paused", utc_timestamp() + "\n");
+      log_line("paused");
+      response = {{"paused", true}};
+    } else if (op == "resume") {
+      machine->resume();
+      ::unlink("paused");
+      log_line("resumed");
+      response = {{"paused", false}};
+    } else if (op == "snapshot") {
+      response = snapshots.capture(request.value("resume", false));
+      if (response.value("paused", false)) {
+        publish("paused", utc_timestamp() + "\n");
+      } else {
+        ::unlink("paused");
+      }
+      log_line("captured for a snapshot in " + std::to_string(response.value("capture_ms", 0.0)) +
+               " ms");
+    } else if (op == "snapshot_commit") {
+      std::string handle = request.at("handle").get<std::string>();
+      snapshots.commit(handle);
+      log_line("snapshot " + handle + " stored");
+      response = {{"committed", true}};
+    }
+    return response;
+  };
+  mux.on_capture_abandoned = [&] {
+    snapshots.abort();
+    log_line("a snapshot's capture was abandoned before it was stored");
+  };
   std::atomic<bool> stop_timed_out = false;
   mux.log = log_line;
   mux.on_stop_timeout = [&] {
-    stop_timed_out = true;
+    // A paused guest cannot power itself off: stopping it at once is what was asked.
+    if (!machine->paused()) stop_timed_out = true;
     machine->stop();
   };
   try {
@@ -159,6 +257,7 @@ int run_vmm_process(const std::filesystem::path& dir) {
   }
   ::unlink("control.sock");
   ::unlink("pid");
+  ::unlink("paused");
   mux.close_clients();
   return clean ? 0 : 1;
 }

@@ -15,72 +15,20 @@
 #include <nlohmann/json.hpp>
 
 #include "guest/protocol/pattern.h"
+#include "tests/msb_cli.h"
 #include "tests/support.h"
 
+using msb::test::checksum_line;
+using msb::test::first_difference;
+using msb::test::Msb;
 using msb::test::pattern_bytes;
 using msb::test::ProcessResult;
+using msb::test::require_error;
+using msb::test::require_ok;
 using msb::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct Msb {
-  TempDir home;
-  Msb() { msb::test::skip_without_kvm("sandboxes need KVM"); }
-  ~Msb() {
-    // Leave no VMM process behind, whatever a failed check skipped.
-    run_process({MSB_BINARY, "rm", "--force", "--quiet", "box"});
-  }
-  ProcessResult run_process(std::vector<std::string> args, const std::string& input = "") {
-    return msb::test::run_process(args, {{"MSB_HOME", home.path().string()}}, input);
-  }
-  ProcessResult operator()(std::vector<std::string> args, const std::string& input = "") {
-    args.insert(args.begin(), MSB_BINARY);
-    return run_process(args, input);
-  }
-  // `msb exec box ARGS...`, which must succeed.
-  std::string exec(std::vector<std::string> args, const std::string& input = "") {
-    args.insert(args.begin(), {"exec", "box", "--"});
-    ProcessResult r = (*this)(args, input);
-    INFO("msb " << args[3] << ": exit " << r.exit_code << ", stderr: " << r.err);
-    REQUIRE(r.exit_code == 0);
-    REQUIRE(r.err.empty());
-    return r.out;
-  }
-  nlohmann::json ls() {
-    ProcessResult r = (*this)({"ls", "--json"});
-    REQUIRE(r.exit_code == 0);
-    return nlohmann::json::parse(r.out);
-  }
-  fs::path dir(const std::string& name) { return home / "sandboxes" / name; }
-};
-
-void require_ok(const ProcessResult& r) {
-  INFO("exit " << r.exit_code << ", stdout: " << r.out << ", stderr: " << r.err);
-  REQUIRE(r.exit_code == 0);
-}
-
-// Errors are one line, "msb: error: ...", naming what was wrong.
-void require_error(const ProcessResult& r, const std::string& needle) {
-  INFO("stderr: " << r.err);
-  REQUIRE(r.exit_code == 1);
-  REQUIRE_THAT(r.err, Catch::StartsWith("msb: error: ") && Catch::Contains(needle));
-  REQUIRE(std::count(r.err.begin(), r.err.end(), '\n') == 1);
-}
-
-// What the test guest prints for a checksum: 16 hex digits and a newline.
-std::string checksum_line(uint64_t seed, uint64_t mib) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%016" PRIx64 "\n",
-                msb::pattern::pattern_checksum(seed, mib << 17));
-  return buf;
-}
-
-// Where two byte strings first differ (Catch would print megabytes for a plain ==), or -1.
-long first_difference(const std::string& a, const std::string& b) {
-  auto [ia, ib] = std::mismatch(a.begin(), a.end(), b.begin(), b.end());
-  return ia == a.end() && ib == b.end() ? -1 : long(ia - a.begin());
-}
 
 bool process_exists(int pid) {
   return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
@@ -110,6 +58,9 @@ TEST_CASE("a sandbox boots the test guest and runs every command", "[sandbox]") 
 
   REQUIRE(msb.exec({"fill", "4", "77"}) == checksum_line(77, 4));
   REQUIRE(msb.exec({"sum", "4"}) == checksum_line(77, 4));
+  // load keeps its input in memory: the same bytes as fill's pattern give fill's checksum.
+  REQUIRE(msb.exec({"load", "2"}, pattern_bytes(78, 2 << 20)) == checksum_line(78, 2));
+  REQUIRE(msb.exec({"sum", "2"}) == checksum_line(78, 2));
   REQUIRE(msb.exec({"disk-write", "2", "5"}) == checksum_line(5, 2));
   REQUIRE(msb.exec({"disk-read", "2"}) == checksum_line(5, 2));
 
