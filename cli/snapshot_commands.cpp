@@ -1,5 +1,7 @@
 #include "cli/snapshot_commands.h"
 
+#include <unistd.h>
+
 #include <cstdio>
 
 #include <nlohmann/json.hpp>
@@ -53,7 +55,8 @@ int run_snapshot_create(const GlobalOptions& global, const SnapshotArgs& args) {
     std::printf("%s\n", result.to_json(args.sandbox).dump(2).c_str());
   } else {
     std::printf("%s\n", result.handle.c_str());
-    if (!global.quiet) {
+    // A line for people at a terminal; scripts get the handle alone.
+    if (!global.quiet && ::isatty(STDERR_FILENO)) {
       std::fprintf(stderr, "sandbox %s is %s; %s of memory, %s newly stored%s\n",
                    args.sandbox.c_str(), args.resume ? "running" : "paused (msb resume runs it)",
                    human_bytes(result.memory_bytes).c_str(),
