@@ -76,7 +76,17 @@ void ControlConnection::send_request(const nlohmann::json& request) {
   }
   std::string frame;
   append_frame(frame, control::kRequest, 0, payload);
-  snapstore::write_all(fd_.get(), frame, "the sandbox's control socket");
+  // send with MSG_NOSIGNAL: a VMM that died must be an error here, not a SIGPIPE that kills msb.
+  std::string_view rest = frame;
+  while (!rest.empty()) {
+    ssize_t n = ::send(fd_.get(), rest.data(), rest.size(), MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      throw SandboxError(std::string("the sandbox's VMM went away (control socket: ") +
+                         std::strerror(errno) + ")");
+    }
+    rest.remove_prefix(static_cast<size_t>(n));
+  }
 }
 
 std::optional<Frame> ControlConnection::read_frame(

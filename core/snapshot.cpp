@@ -380,8 +380,13 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
   Hash128 hash = store->put_manifest(manifest);
   store->set_name(unnamed_name(sandbox, hash.hex()), hash, /*replace=*/true);
 
-  connection.send_request({{"op", "snapshot_commit"}, {"handle", hash.hex()}});
-  read_response(connection, sandbox, "snapshot", std::chrono::seconds(60));
+  // The snapshot is stored and named now, whatever happens to the VMM: a VMM that died meanwhile
+  // has nothing to build its next snapshot on anyway.
+  try {
+    connection.send_request({{"op", "snapshot_commit"}, {"handle", hash.hex()}});
+    read_response(connection, sandbox, "snapshot", std::chrono::seconds(60));
+  } catch (const std::exception&) {
+  }
 
   result.handle = hash.hex();
   result.parent = parent ? parent->hex() : "";
