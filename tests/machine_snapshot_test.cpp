@@ -5,7 +5,6 @@
 // states are refused; dirty tracking reports what the guest and the VMM wrote.
 #include <fcntl.h>
 #include <poll.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -13,12 +12,13 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "guest/protocol/agent_protocol.h"
 #include "guest/protocol/pattern.h"
+#include "tests/guest_agent.h"
 #include "tests/support.h"
 #include "vmm/disk_overlay.h"
 #include "vmm/machine.h"
@@ -38,89 +38,24 @@ double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
 
-// A console log and an agent socket pair in `dir` (closed on destruction) and a config wired
-// to them. Declared before the machine, so that it outlives it.
-struct Host {
-  int log = -1;
-  int agent[2] = {-1, -1};
-  MachineConfig config;
-
-  Host(const std::filesystem::path& dir, const std::string& name) {
-    log = ::open((dir / (name + ".log")).c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-    REQUIRE(log >= 0);
-    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, agent) == 0);
-    config.kernel_path = MSB_TESTGUEST;
+// The host side of a test guest with 2 vCPUs, kMemoryMib and a disk: its console log and disk
+// overlay are `name`.log and `name`.overlay in `dir`.
+struct Host : test::MachineHost {
+  Host(const std::filesystem::path& dir, const std::string& name)
+      : MachineHost(dir / (name + ".log"), dir / (name + ".overlay")) {
     config.cpus = config.max_cpus = 2;
     config.memory_mib = config.max_memory_mib = kMemoryMib;
-    config.disk_overlay_path = dir / (name + ".overlay");
     config.disk_size = kDiskSize;
-    config.console_log_fd = log;
-    config.agent_fd = agent[0];
   }
-  ~Host() {
-    for (int fd : {log, agent[0], agent[1]}) {
-      if (fd >= 0) ::close(fd);
-    }
-  }
-  Host(const Host&) = delete;
-  Host& operator=(const Host&) = delete;
-
-  std::pair<agent::FrameHeader, std::string> read_frame() {
-    agent::FrameHeader header{};
-    read_exact(&header, sizeof header);
-    REQUIRE(header.length <= agent::kMaxPayload);
-    std::string payload(header.length, '\0');
-    read_exact(payload.data(), payload.size());
-    return {header, payload};
-  }
-  void read_exact(void* out, size_t size) {
-    auto* bytes = static_cast<char*>(out);
-    while (size > 0) {
-      pollfd readable{agent[1], POLLIN, 0};
-      if (::poll(&readable, 1, 30'000) != 1) FAIL("the guest sent nothing for 30 s");
-      ssize_t got = ::read(agent[1], bytes, size);
-      if (got <= 0) FAIL("the agent channel ended");
-      bytes += got;
-      size -= static_cast<size_t>(got);
-    }
-  }
-  void write_frame(uint16_t type, uint32_t id, const std::string& payload) {
-    agent::FrameHeader header{static_cast<uint32_t>(payload.size()), type, 0, id};
-    std::string bytes(reinterpret_cast<const char*>(&header), sizeof header);
-    bytes += payload;
-    REQUIRE(::write(agent[1], bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
-  }
-  void wait_ready() {
-    auto [ready, payload] = read_frame();
-    REQUIRE(ready.type == agent::kReady);
-  }
-  // Runs a command and returns its stdout; it must exit 0.
-  std::string run(std::vector<std::string> argv) {
-    const uint32_t id = next_id++;
-    agent::ExecPayload exec{static_cast<uint32_t>(argv.size()), 0, 0, 0};
-    std::string payload(reinterpret_cast<const char*>(&exec), sizeof exec);
-    for (const auto& arg : argv)
-      payload.append(arg).push_back('\0');
-    payload.push_back('\0');  // the default working directory
-    write_frame(agent::kExec, id, payload);
-    std::string out, err;
-    for (;;) {
-      auto [header, data] = read_frame();
-      REQUIRE(header.id == id);
-      if (header.type == agent::kStdout) out += data;
-      if (header.type == agent::kStderr) err += data;
-      if (header.type == agent::kExit) {
-        agent::ExitPayload status{};
-        REQUIRE(data.size() == sizeof status);
-        std::memcpy(&status, data.data(), sizeof status);
-        INFO(argv[0] << ": " << err);
-        REQUIRE(status.code == 0);
-        return out;
-      }
-    }
-  }
-  uint32_t next_id = 1;
 };
+
+// Builds and starts the machine `host` is wired to, and waits for its guest's kReady.
+std::unique_ptr<Machine> boot(Host& host) {
+  auto machine = Machine::create(host.config);
+  machine->start();
+  host.wait_ready();
+  return machine;
+}
 
 std::string checksum_line(uint64_t checksum) {
   char text[32];
@@ -166,9 +101,7 @@ TEST_CASE("a paused machine holds still, captures, and answers again after resum
   test::skip_without_kvm();
   test::TempDir dir;
   Host host(dir.path(), "a");
-  auto machine = Machine::create(host.config);
-  machine->start();
-  host.wait_ready();
+  auto machine = boot(host);
   REQUIRE(host.run({"echo", "before"}) == "before\n");
 
   double worst_pause_ms = 0;
@@ -180,13 +113,8 @@ TEST_CASE("a paused machine holds still, captures, and answers again after resum
     machine->pause();  // idempotent
     if (round == 0) {
       // Paused: the guest does not answer (its exec frame waits in the socket) ...
-      const uint32_t id = host.next_id;
-      agent::ExecPayload exec{1, 0, 0, 0};
-      std::string payload(reinterpret_cast<const char*>(&exec), sizeof exec);
-      payload.append("cpus").push_back('\0');
-      payload.push_back('\0');
-      host.write_frame(agent::kExec, id, payload);
-      pollfd readable{host.agent[1], POLLIN, 0};
+      const uint32_t id = host.send_exec({"cpus"});
+      pollfd readable{host.fd, POLLIN, 0};
       REQUIRE(::poll(&readable, 1, 100) == 0);
       const MachineState state = machine->capture();
       REQUIRE(state.vcpus.size() == 2);
@@ -204,7 +132,6 @@ TEST_CASE("a paused machine holds still, captures, and answers again after resum
       REQUIRE(header.id == id);
       REQUIRE(data == "2\n");
       host.read_frame();  // its exit
-      host.next_id++;
     } else {
       machine->resume();
     }
@@ -228,7 +155,7 @@ TEST_CASE("a paused machine holds still, captures, and answers again after resum
   pauser.join();
   REQUIRE_THROWS_AS(machine->capture(), VmmError);  // not paused
 
-  host.write_frame(agent::kPowerOff, 0, "");
+  host.power_off();
   REQUIRE(machine->wait().reason == MachineExit::Reason::kPoweredOff);
 }
 
@@ -237,9 +164,7 @@ TEST_CASE("a restored machine goes on where the original was, and both go on ind
   test::skip_without_kvm();
   test::TempDir dir;
   Host original_host(dir.path(), "original");
-  auto original = Machine::create(original_host.config);
-  original->start();
-  original_host.wait_ready();
+  auto original = boot(original_host);
   REQUIRE(original_host.run({"fill", "8", "7"}) == fill_checksum(8, 7));
   REQUIRE(original_host.run({"disk-write", "1", "5"}) == fill_checksum(1, 5));
   const uint64_t ticks_before = ticks(original_host);
@@ -289,7 +214,7 @@ TEST_CASE("a restored machine goes on where the original was, and both go on ind
   }
 
   for (auto* host : {&original_host, &restored_host})
-    host->write_frame(agent::kPowerOff, 0, "");
+    host->power_off();
   REQUIRE(original->wait().reason == MachineExit::Reason::kPoweredOff);
   REQUIRE(restored->wait().reason == MachineExit::Reason::kPoweredOff);
 }
@@ -298,9 +223,7 @@ TEST_CASE("machine state JSON round-trips and malformed states are refused", "[s
   test::skip_without_kvm();
   test::TempDir dir;
   Host host(dir.path(), "a");
-  auto machine = Machine::create(host.config);
-  machine->start();
-  host.wait_ready();
+  auto machine = boot(host);
   machine->pause();
   const MachineState state = machine->capture();
   write_file(dir.path() / "memory", machine->ram());
@@ -382,9 +305,7 @@ TEST_CASE("dirty tracking reports the pages the guest and the VMM wrote", "[snap
   test::skip_without_kvm();
   test::TempDir dir;
   Host host(dir.path(), "a");
-  auto machine = Machine::create(host.config);
-  machine->start();
-  host.wait_ready();
+  auto machine = boot(host);
   REQUIRE_FALSE(machine->dirty_tracking());
   machine->start_dirty_tracking();
   machine->start_dirty_tracking();  // idempotent

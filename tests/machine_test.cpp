@@ -1,21 +1,18 @@
 // The machine on real KVM (vmm tier): tiny hand-assembled kernels prove the boot path, the serial
 // log, the i8042 power-off and the stop reasons; the test guest proves the virtio console path.
 #include <fcntl.h>
-#include <poll.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "guest/protocol/agent_protocol.h"
+#include "tests/guest_agent.h"
 #include "tests/support.h"
 #include "vmm/cpuid.h"
 #include "vmm/machine.h"
@@ -30,36 +27,17 @@ void out_byte(std::vector<uint8_t>& code, uint16_t port, uint8_t byte) {
   code.insert(code.end(), {0x66, 0xba, uint8_t(port), uint8_t(port >> 8), 0xb0, byte, 0xee});
 }
 
-// The host side of a test machine: a console log and an agent socket pair in `dir`, closed on
-// destruction, and a MachineConfig wired to them. Declared before the machine, so that it
-// outlives it.
-struct MachineFixture {
-  std::filesystem::path log_path;
-  int log = -1;
-  int agent[2] = {-1, -1};
-  MachineConfig config;
-
+// A test machine's host side (tests/guest_agent.h) that boots `kernel` with `cpus` vCPUs,
+// `memory_mib` and a disk of `disk_size` bytes, its console log and disk overlay in `dir`.
+struct MachineFixture : test::MachineHost {
   MachineFixture(const std::filesystem::path& dir, const std::string& kernel, unsigned cpus,
                  uint64_t memory_mib, uint64_t disk_size)
-      : log_path(dir / "console.log") {
-    log = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-    REQUIRE(log >= 0);
-    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, agent) == 0);
+      : MachineHost(dir / "console.log", dir / "disk.overlay") {
     config.kernel_path = kernel;
     config.cpus = config.max_cpus = cpus;
     config.memory_mib = config.max_memory_mib = memory_mib;
-    config.disk_overlay_path = dir / "disk.overlay";
     config.disk_size = disk_size;
-    config.console_log_fd = log;
-    config.agent_fd = agent[0];
   }
-  ~MachineFixture() {
-    for (int fd : {log, agent[0], agent[1]}) {
-      if (fd >= 0) ::close(fd);
-    }
-  }
-  MachineFixture(const MachineFixture&) = delete;
-  MachineFixture& operator=(const MachineFixture&) = delete;
 };
 
 struct Booted {
@@ -233,75 +211,20 @@ TEST_CASE("Linux (bzImage) reads msb's command line, e820 map and ACPI tables",
 }
 #endif
 
-namespace {
-
-// Reads one agent frame from `fd` (blocking), or fails the test on EOF.
-std::pair<agent::FrameHeader, std::string> read_frame(int fd) {
-  agent::FrameHeader header{};
-  auto read_exact = [fd](void* out, size_t size) {
-    auto* bytes = static_cast<char*>(out);
-    while (size > 0) {
-      pollfd readable{fd, POLLIN, 0};
-      if (::poll(&readable, 1, 60'000) != 1) FAIL("the guest sent nothing for 60 s");
-      ssize_t got = ::read(fd, bytes, size);
-      if (got <= 0) FAIL("the agent channel ended");
-      bytes += got;
-      size -= static_cast<size_t>(got);
-    }
-  };
-  read_exact(&header, sizeof header);
-  REQUIRE(header.length <= agent::kMaxPayload);
-  std::string payload(header.length, '\0');
-  read_exact(payload.data(), payload.size());
-  return {header, payload};
-}
-
-void write_frame(int fd, uint16_t type, uint32_t id, const std::string& payload) {
-  agent::FrameHeader header{static_cast<uint32_t>(payload.size()), type, 0, id};
-  std::string bytes(reinterpret_cast<const char*>(&header), sizeof header);
-  bytes += payload;
-  REQUIRE(::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
-}
-
-}  // namespace
-
 TEST_CASE("the test guest answers the agent protocol over the virtio console", "[machine][kvm]") {
   test::skip_without_kvm();
   test::TempDir dir;
   MachineFixture fixture(dir.path(), MSB_TESTGUEST, 2, 128, 8 << 20);
-  const auto& agent_fds = fixture.agent;
+  fixture.timeout_ms = 60'000;
   auto machine = Machine::create(fixture.config);
   machine->start();
 
-  auto [ready, ready_payload] = read_frame(agent_fds[1]);
-  REQUIRE(ready.type == agent::kReady);
-  REQUIRE(ready_payload.size() >= sizeof(agent::ReadyPayload));
+  fixture.wait_ready();
+  fixture.next_id = 7;
+  REQUIRE(fixture.run({"echo", "over", "virtio"}) == "over virtio\n");
+  REQUIRE(fixture.run({"cpus"}) == "2\n");  // the AP came up through INIT-SIPI-SIPI
 
-  auto run = [&](uint32_t id, std::vector<std::string> argv) {
-    agent::ExecPayload exec{static_cast<uint32_t>(argv.size()), 0, 0, 0};
-    std::string payload(reinterpret_cast<const char*>(&exec), sizeof exec);
-    for (const auto& arg : argv)
-      payload.append(arg).push_back('\0');
-    payload.push_back('\0');  // the working directory: the default
-    write_frame(agent_fds[1], agent::kExec, id, payload);
-    std::string out;
-    for (;;) {
-      auto [header, data] = read_frame(agent_fds[1]);
-      REQUIRE(header.id == id);
-      if (header.type == agent::kStdout) out += data;
-      if (header.type == agent::kExit) {
-        REQUIRE(data.size() == sizeof(agent::ExitPayload));
-        agent::ExitPayload status;
-        std::memcpy(&status, data.data(), sizeof status);
-        REQUIRE(status.code == 0);
-        return out;
-      }
-    }
-  };
-  REQUIRE(run(7, {"echo", "over", "virtio"}) == "over virtio\n");
-  REQUIRE(run(8, {"cpus"}) == "2\n");  // the AP came up through INIT-SIPI-SIPI
-
-  write_frame(agent_fds[1], agent::kPowerOff, 0, "");
+  fixture.power_off();
   auto exit = machine->wait();
   INFO(exit.detail);
   REQUIRE(exit.reason == MachineExit::Reason::kPoweredOff);

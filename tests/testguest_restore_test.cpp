@@ -5,11 +5,6 @@
 // malformed kRestore is ignored. Forks of one capture (Machine::restore) given different
 // kRestores draw different random bytes and bring up their own vCPUs. The random pool's mixing
 // itself is checked without KVM.
-#include <fcntl.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <array>
 #include <catch2/catch.hpp>
 #include <cctype>
@@ -26,6 +21,7 @@
 
 #include "guest/protocol/agent_protocol.h"
 #include "guest/testguest/random_pool.h"
+#include "tests/guest_agent.h"
 #include "tests/support.h"
 #include "vmm/machine.h"
 #include "vmm/machine_state.h"
@@ -34,7 +30,7 @@ using namespace msb;
 
 namespace {
 
-using Entropy = std::array<uint8_t, agent::kRestoreEntropyBytes>;
+using Entropy = test::RestoreEntropy;
 
 Entropy entropy_from(uint64_t seed) {
   Entropy entropy{};
@@ -55,20 +51,21 @@ class Guest {
  public:
   Guest(unsigned cpus, unsigned max_cpus, uint64_t memory_mib) {
     configure(cpus, max_cpus, memory_mib);
-    machine_ = vmm::Machine::create(config_);
+    machine_ = vmm::Machine::create(host_.config);
     machine_->start();
     expect_ready("boot");
   }
   // A fork of `original`, which must be paused: its state and RAM, in a machine of its own. A
   // restored guest sends nothing until the host's kRestore.
   explicit Guest(Guest& original) {
-    configure(original.config_.cpus, original.config_.max_cpus, original.config_.memory_mib);
+    const vmm::MachineConfig& config = original.host_.config;
+    configure(config.cpus, config.max_cpus, config.memory_mib);
     const vmm::MachineState state = original.machine_->capture();
     const auto ram = original.machine_->ram();
-    config_.memory_path = dir_.path() / "memory";
-    std::ofstream(config_.memory_path, std::ios::binary)
+    host_.config.memory_path = dir_.path() / "memory";
+    std::ofstream(host_.config.memory_path, std::ios::binary)
         .write(reinterpret_cast<const char*>(ram.data()), static_cast<std::streamsize>(ram.size()));
-    machine_ = vmm::Machine::restore(config_, state);
+    machine_ = vmm::Machine::restore(host_.config, state);
     machine_->start();
   }
 
@@ -78,121 +75,44 @@ class Guest {
       machine_->stop();
       machine_->wait();
     }
-    for (int fd : {log_, agent_[0], agent_[1]})
-      if (fd >= 0) ::close(fd);
   }
   Guest(const Guest&) = delete;
   Guest& operator=(const Guest&) = delete;
 
-  std::string console() const { return test::read_text(dir_.path() / "console.log"); }
+  std::string console() const { return host_.console(); }
 
   void write_frame(uint16_t type, uint32_t id, const std::string& payload) {
-    agent::FrameHeader header{static_cast<uint32_t>(payload.size()), type, 0, id};
-    std::string bytes(reinterpret_cast<const char*>(&header), sizeof header);
-    bytes += payload;
-    REQUIRE(::write(agent_[1], bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
-  }
-
-  std::pair<agent::FrameHeader, std::string> read_frame() {
-    agent::FrameHeader header{};
-    read_exact(&header, sizeof header);
-    REQUIRE(header.length <= agent::kMaxPayload);
-    std::string payload(header.length, '\0');
-    read_exact(payload.data(), payload.size());
-    return {header, payload};
+    host_.write_frame(type, id, payload);
   }
 
   void expect_ready(const char* after) {
-    INFO("kReady after " << after << "; console:\n" << console());
-    auto [header, payload] = read_frame();
-    REQUIRE(header.type == agent::kReady);
-    REQUIRE(header.id == 0);
-    REQUIRE(payload.size() >= sizeof(agent::ReadyPayload));
-    agent::ReadyPayload ready;
-    std::memcpy(&ready, payload.data(), sizeof ready);
-    REQUIRE(ready.version == agent::kProtocolVersion);
-    REQUIRE(ready.max_concurrent == 1);
+    INFO("kReady after " << after);
+    REQUIRE(host_.wait_ready().max_concurrent == 1);
   }
 
-  // Runs a command that must exit 0; returns its stdout.
-  std::string run(const std::vector<std::string>& argv) {
-    const uint32_t id = next_id_++;
-    agent::ExecPayload exec{static_cast<uint32_t>(argv.size()), 0, 0, 0};
-    std::string payload(reinterpret_cast<const char*>(&exec), sizeof exec);
-    for (const auto& arg : argv)
-      payload.append(arg).push_back('\0');
-    payload.push_back('\0');  // the working directory: the default
-    write_frame(agent::kExec, id, payload);
-    std::string out;
-    for (;;) {
-      auto [header, data] = read_frame();
-      INFO("command " << argv[0] << "; frame type " << header.type << "; console:\n" << console());
-      REQUIRE(header.id == id);
-      if (header.type == agent::kStdout) out += data;
-      if (header.type == agent::kExit) {
-        REQUIRE(data.size() == sizeof(agent::ExitPayload));
-        agent::ExitPayload status;
-        std::memcpy(&status, data.data(), sizeof status);
-        REQUIRE(status.code == 0);
-        return out;
-      }
-    }
-  }
-
-  uint64_t run_number(const std::vector<std::string>& argv) {
-    const std::string out = run(argv);
-    REQUIRE(!out.empty());
-    REQUIRE(out.back() == '\n');
-    return std::stoull(out);
-  }
+  // Runs a command that must exit 0; returns its stdout (or the number it prints).
+  std::string run(const std::vector<std::string>& argv) { return host_.run(argv); }
+  uint64_t run_number(const std::vector<std::string>& argv) { return host_.run_number(argv); }
 
   // Sends kRestore and waits for the kReady that answers it.
   void restore(uint32_t cpus, uint64_t memory_mib, const std::string& name, const Entropy& entropy,
                uint64_t wall_clock_ns = now_ns()) {
-    agent::RestorePayload restore{};
-    restore.wall_clock_ns = wall_clock_ns;
-    restore.memory_mib = memory_mib;
-    restore.cpus = cpus;
-    std::memcpy(restore.entropy, entropy.data(), entropy.size());
-    std::string payload(reinterpret_cast<const char*>(&restore), sizeof restore);
-    payload.append(name).push_back('\0');
-    write_frame(agent::kRestore, 0, payload);
+    host_.send_restore(cpus, memory_mib, name, entropy, wall_clock_ns);
     expect_ready("kRestore");
   }
 
  private:
   void configure(unsigned cpus, unsigned max_cpus, uint64_t memory_mib) {
-    log_ = ::open((dir_.path() / "console.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-    REQUIRE(log_ >= 0);
-    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, agent_) == 0);
-    config_.kernel_path = MSB_TESTGUEST;
-    config_.cpus = cpus;
-    config_.max_cpus = max_cpus;
-    config_.memory_mib = config_.max_memory_mib = memory_mib;
-    config_.disk_overlay_path = dir_.path() / "disk.overlay";
-    config_.disk_size = 0;  // no disk
-    config_.console_log_fd = log_;
-    config_.agent_fd = agent_[0];
-  }
-
-  void read_exact(void* out, size_t size) {
-    auto* bytes = static_cast<char*>(out);
-    while (size > 0) {
-      pollfd readable{agent_[1], POLLIN, 0};
-      if (::poll(&readable, 1, 30'000) != 1) FAIL("the guest sent nothing for 30 s");
-      ssize_t got = ::read(agent_[1], bytes, size);
-      if (got <= 0) FAIL("the agent channel ended");
-      bytes += got;
-      size -= static_cast<size_t>(got);
-    }
+    host_.context = [this] { return console(); };
+    host_.config.cpus = cpus;
+    host_.config.max_cpus = max_cpus;
+    host_.config.memory_mib = host_.config.max_memory_mib = memory_mib;
+    host_.config.disk_size = 0;  // no disk
   }
 
   test::TempDir dir_;
-  int log_ = -1;
-  int agent_[2] = {-1, -1};
-  vmm::MachineConfig config_;
+  test::MachineHost host_{dir_.path() / "console.log", dir_.path() / "disk.overlay"};
   std::unique_ptr<vmm::Machine> machine_;
-  uint32_t next_id_ = 1;
 };
 
 bool is_random_line(const std::string& line) {
