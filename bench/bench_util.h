@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
+#include <csignal>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -18,6 +20,7 @@
 #include <fstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace msb::bench {
 
@@ -56,6 +59,22 @@ __attribute__((format(printf, 1, 2))) inline std::string strf(const char* format
 // Monotonic seconds, for differences.
 inline double wall_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// The signal (SIGINT, SIGTERM, SIGHUP) that asked a benchmark to stop, 0 if none: a benchmark
+// that sets it from its handler checks interrupted() in its waits and unwinds, cleaning up what
+// it started.
+inline volatile std::sig_atomic_t g_interrupt_signal = 0;
+inline bool interrupted() {
+  return g_interrupt_signal != 0;
+}
+
+// The nearest-rank percentile (0.5: the median) of `values`; 0 for none.
+inline double percentile(std::vector<double> values, double fraction) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  size_t rank = static_cast<size_t>(std::ceil(fraction * static_cast<double>(values.size())));
+  return values[std::clamp<size_t>(rank, 1, values.size()) - 1];
 }
 
 // A line on stdout, flushed so that progress shows while a long benchmark runs.

@@ -53,6 +53,7 @@
 #include <CLI/CLI.hpp>
 
 #include "bench/bench_util.h"
+#include "bench/qemu_guest.h"
 #include "guest/protocol/agent_protocol.h"
 #include "guest/protocol/pattern.h"
 #include "vmm/machine.h"
@@ -85,155 +86,6 @@ struct Options {
   bool qemu_tcg = false;  // also measure QEMU with TCG, next to KVM
 };
 
-// --- The agent channel: a stream socket carrying agent frames ---------------------------------
-
-struct Frame {
-  agent::FrameHeader header{};
-  std::string payload;
-};
-
-class AgentChannel {
- public:
-  explicit AgentChannel(int fd) : fd_(fd) {}
-  AgentChannel(const AgentChannel&) = delete;
-  AgentChannel& operator=(const AgentChannel&) = delete;
-  ~AgentChannel() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-
-  // The next frame, waiting until `deadline` (wall_seconds() time). A header over kMaxPayload
-  // breaks the stream: the bench reports it rather than guessing where the next frame starts.
-  Frame read(double deadline, const std::string& what) {
-    for (;;) {
-      size_t have = buffer_.size() - pos_;
-      if (have >= sizeof(agent::FrameHeader)) {
-        Frame frame;
-        std::memcpy(&frame.header, buffer_.data() + pos_, sizeof frame.header);
-        if (frame.header.length > agent::kMaxPayload)
-          throw BenchError(strf("%s: a frame announces %u bytes, over the protocol's maximum",
-                                what.c_str(), frame.header.length));
-        if (have >= sizeof frame.header + frame.header.length) {
-          frame.payload.assign(buffer_.data() + pos_ + sizeof frame.header, frame.header.length);
-          pos_ += sizeof frame.header + frame.header.length;
-          return frame;
-        }
-      }
-      if (pos_ > 0 && pos_ == buffer_.size()) {
-        buffer_.clear();
-        pos_ = 0;
-      } else if (pos_ > (1u << 20)) {
-        buffer_.erase(0, pos_);
-        pos_ = 0;
-      }
-      fill(deadline, what);
-    }
-  }
-
-  void write(uint16_t type, uint32_t id, const std::string& payload, const std::string& what) {
-    agent::FrameHeader header{static_cast<uint32_t>(payload.size()), type, 0, id};
-    std::string bytes(reinterpret_cast<const char*>(&header), sizeof header);
-    bytes += payload;
-    const char* p = bytes.data();
-    size_t left = bytes.size();
-    while (left > 0) {
-      ssize_t n = ::send(fd_, p, left, MSG_NOSIGNAL);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) fail_errno(what + ": cannot write to the agent channel");
-      p += n;
-      left -= static_cast<size_t>(n);
-    }
-  }
-
- private:
-  void fill(double deadline, const std::string& what) {
-    for (;;) {
-      int wait_ms = static_cast<int>(std::max(0.0, (deadline - wall_seconds()) * 1e3));
-      pollfd readable{fd_, POLLIN, 0};
-      int ready = ::poll(&readable, 1, wait_ms);
-      if (ready < 0 && errno == EINTR) continue;
-      if (ready < 0) fail_errno(what + ": poll");
-      if (ready == 0) throw BenchError(what + ": timed out waiting for the guest");
-      char chunk[256 * 1024];
-      ssize_t n = ::read(fd_, chunk, sizeof chunk);
-      if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-      if (n < 0) fail_errno(what + ": cannot read the agent channel");
-      if (n == 0) throw BenchError(what + ": the agent channel closed");
-      buffer_.append(chunk, static_cast<size_t>(n));
-      return;
-    }
-  }
-
-  int fd_;
-  std::string buffer_;
-  size_t pos_ = 0;
-};
-
-struct ExecResult {
-  int32_t code = 0;
-  int32_t signal = 0;
-  uint64_t stdout_bytes = 0;
-  uint64_t stdout_checksum = msb::pattern::kChecksumInit;  // FNV-1a over 64-bit words
-  std::string stdout_text;                                 // the first 4 KiB only
-  std::string stderr_text;
-  double seconds = 0;
-};
-
-// Runs one command over the agent protocol, from sending kExec to receiving kExit.
-ExecResult run_exec(AgentChannel& channel, uint32_t id, const std::vector<std::string>& argv,
-                    double timeout_s, const std::string& what) {
-  agent::ExecPayload exec{static_cast<uint32_t>(argv.size()), 0, 0, 0};
-  std::string payload(reinterpret_cast<const char*>(&exec), sizeof exec);
-  for (const auto& arg : argv)
-    payload.append(arg).push_back('\0');
-  payload.push_back('\0');  // the working directory: the agent's default
-  ExecResult result;
-  std::string word_carry;  // stdout bytes not yet making a whole 64-bit word
-  double start = wall_seconds();
-  double deadline = start + timeout_s;
-  channel.write(agent::kExec, id, payload, what);
-  for (;;) {
-    Frame frame = channel.read(deadline, what);
-    if (frame.header.id != id)
-      throw BenchError(strf("%s: a frame of type %u for id %u while waiting for id %u",
-                            what.c_str(), frame.header.type, frame.header.id, id));
-    if (frame.header.type == agent::kStdout) {
-      result.stdout_bytes += frame.payload.size();
-      if (result.stdout_text.size() < 4096)
-        result.stdout_text.append(frame.payload, 0, 4096 - result.stdout_text.size());
-      std::string_view bytes = frame.payload;
-      if (!word_carry.empty()) {
-        size_t take = std::min(bytes.size(), 8 - word_carry.size());
-        word_carry.append(bytes.substr(0, take));
-        bytes.remove_prefix(take);
-        if (word_carry.size() == 8) {
-          uint64_t word;
-          std::memcpy(&word, word_carry.data(), 8);
-          result.stdout_checksum = msb::pattern::checksum_update(result.stdout_checksum, word);
-          word_carry.clear();
-        }
-      }
-      while (bytes.size() >= 8) {
-        uint64_t word;
-        std::memcpy(&word, bytes.data(), 8);
-        result.stdout_checksum = msb::pattern::checksum_update(result.stdout_checksum, word);
-        bytes.remove_prefix(8);
-      }
-      word_carry.append(bytes);
-    } else if (frame.header.type == agent::kStderr) {
-      result.stderr_text += frame.payload;
-    } else if (frame.header.type == agent::kExit) {
-      result.seconds = wall_seconds() - start;
-      if (frame.payload.size() != sizeof(agent::ExitPayload))
-        throw BenchError(what + ": a kExit frame of the wrong size");
-      agent::ExitPayload status;
-      std::memcpy(&status, frame.payload.data(), sizeof status);
-      result.code = status.code;
-      result.signal = status.signal;
-      return result;
-    }
-  }
-}
-
 // --- One boot's figures, and the guests that produce them -------------------------------------
 
 constexpr double kNotMeasured = std::numeric_limits<double>::quiet_NaN();
@@ -248,14 +100,6 @@ struct RunFigures {
   double off_s = kNotMeasured;
   std::string notes;  // figures this run could not take, and why
 };
-
-double percentile(std::vector<double> values, double fraction) {
-  if (values.empty()) return 0;
-  std::sort(values.begin(), values.end());
-  // Nearest rank.
-  size_t rank = static_cast<size_t>(std::ceil(fraction * static_cast<double>(values.size())));
-  return values[std::clamp<size_t>(rank, 1, values.size()) - 1];
-}
 
 // The part of a run after kReady, the same for every VMM. False when `out` failed and left the
 // channel unusable (recorded in the figures' notes).
@@ -307,24 +151,8 @@ bool measure_guest(AgentChannel& channel, const Options& options, const std::str
   }
   return true;
 }
-void expect_ready(const Frame& frame, const std::string& what) {
-  if (frame.header.type != agent::kReady || frame.payload.size() < sizeof(agent::ReadyPayload))
-    throw BenchError(
-        strf("%s: the first frame is of type %u, not kReady", what.c_str(), frame.header.type));
-}
 
 // msb: the VMM in this process, as msb's VMM process runs it.
-// A descriptor closed at the end of its scope.
-struct ScopedFd {
-  int fd;
-  explicit ScopedFd(int descriptor) : fd(descriptor) {}
-  ScopedFd(const ScopedFd&) = delete;
-  ScopedFd& operator=(const ScopedFd&) = delete;
-  ~ScopedFd() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
 RunFigures run_msb(const Options& options, unsigned cpus) {
   const std::string what = strf("msb, %u vCPU%s", cpus, cpus == 1 ? "" : "s");
   int fds[2];
@@ -379,94 +207,6 @@ RunFigures run_msb(const Options& options, unsigned cpus) {
   return figures;
 }
 
-// QEMU as a child process, given `agent_fd` as its file descriptor 3.
-class QemuProcess {
- public:
-  QemuProcess(std::vector<std::string> argv, const fs::path& log, int agent_fd) {
-    std::vector<char*> args;
-    for (auto& a : argv)
-      args.push_back(a.data());
-    args.push_back(nullptr);
-    int log_fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (log_fd < 0) fail_errno("cannot create " + log.string());
-    pid_t parent = ::getpid();
-    const std::string cannot_run = "cannot run " + argv.front() + ": ";
-    pid_ = ::fork();
-    if (pid_ < 0) {
-      ::close(log_fd);
-      fail_errno("fork");
-    }
-    if (pid_ == 0) {
-      // QEMU dies with this program, whatever the way it ends.
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent) ::_exit(127);
-      int null_fd = ::open("/dev/null", O_RDONLY);
-      ::dup2(null_fd, 0);
-      ::dup2(log_fd, 1);
-      ::dup2(log_fd, 2);
-      if (agent_fd == 3) {
-        ::fcntl(3, F_SETFD, 0);
-      } else {
-        ::dup2(agent_fd, 3);
-      }
-      ::execvp(args[0], args.data());
-      const char* reason = std::strerror(errno);
-      [[maybe_unused]] ssize_t ignored = ::write(2, cannot_run.data(), cannot_run.size());
-      ignored = ::write(2, reason, std::strlen(reason));
-      ::_exit(127);
-    }
-    ::close(log_fd);
-  }
-  QemuProcess(const QemuProcess&) = delete;
-  QemuProcess& operator=(const QemuProcess&) = delete;
-  ~QemuProcess() { kill(); }
-
-  // Whether it exited within `timeout_s`; reaped if so.
-  bool wait_exit(double timeout_s) {
-    double deadline = wall_seconds() + timeout_s;
-    while (pid_ > 0) {
-      int status = 0;
-      pid_t got = ::waitpid(pid_, &status, WNOHANG);
-      if (got == pid_ || (got < 0 && errno != EINTR)) {
-        pid_ = -1;
-        return true;
-      }
-      if (wall_seconds() > deadline) return false;
-      ::usleep(200);
-    }
-    return true;
-  }
-  bool running() {
-    if (pid_ <= 0) return false;
-    int status = 0;
-    if (::waitpid(pid_, &status, WNOHANG) == pid_) pid_ = -1;
-    return pid_ > 0;
-  }
-  void kill() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      int status = 0;
-      while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
-      }
-      pid_ = -1;
-    }
-  }
-
- private:
-  pid_t pid_ = -1;
-};
-
-std::string tail_of_file(const fs::path& path, size_t max_bytes = 600) {
-  std::ifstream in(path, std::ios::binary);
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (text.size() > max_bytes) text = "..." + text.substr(text.size() - max_bytes);
-  // One line, for notes in the table.
-  std::replace(text.begin(), text.end(), '\n', '|');
-  while (!text.empty() && (text.back() == '|' || text.back() == ' '))
-    text.pop_back();
-  return text;
-}
-
 enum class Accel { kKvm, kTcg };
 
 // How long QEMU gets to exit after kPowerOff before it is killed and the figure left out.
@@ -475,34 +215,9 @@ constexpr double kQemuPowerOffWait_s = 5;
 RunFigures run_qemu(const Options& options, Accel accel, const fs::path& work) {
   const std::string what = accel == Accel::kKvm ? "QEMU KVM" : "QEMU TCG";
   const fs::path log = work / "qemu.log";
-  std::vector<std::string> argv = {options.qemu, "-M", "microvm,acpi=off"};
-  if (accel == Accel::kKvm) {
-    argv.push_back("-enable-kvm");
-  } else {
-    argv.insert(argv.end(), {"-accel", "tcg"});
-  }
-  argv.insert(argv.end(), {"-m",
-                           std::to_string(options.memory_mib),
-                           "-smp",
-                           "1",
-                           "-nodefaults",
-                           "-no-user-config",
-                           "-nographic",
-                           "-serial",
-                           "file:" + (work / "serial.log").string(),
-                           "-kernel",
-                           options.testguest,
-                           "-append",
-                           "msb.cpus=1",
-                           "-global",
-                           "virtio-mmio.force-legacy=false",
-                           "-device",
-                           "virtio-serial-device",
-                           "-chardev",
-                           "socket,id=agent,fd=3",
-                           "-device",
-                           "virtconsole,chardev=agent",
-                           "-no-reboot"});
+  std::vector<std::string> argv =
+      qemu_testguest_args(options.qemu, accel == Accel::kKvm, options.memory_mib, options.testguest,
+                          work / "serial.log");
 
   // The agent channel is a socketpair, as for msb, whose end QEMU gets as an already connected
   // chardev socket (fd=3). QEMU's virtconsole drops whatever a write to its chardev does not
@@ -520,7 +235,7 @@ RunFigures run_qemu(const Options& options, Accel accel, const fs::path& work) {
   double start = wall_seconds();
   std::optional<QemuProcess> qemu;
   try {
-    qemu.emplace(argv, log, qemu_end);
+    qemu.emplace(argv, log, std::vector<int>{qemu_end});
   } catch (...) {
     ::close(qemu_end);
     throw;
@@ -573,40 +288,6 @@ Spread spread_of(const std::vector<RunFigures>& runs, double RunFigures::*field)
   s.min = *std::min_element(values.begin(), values.end());
   s.max = *std::max_element(values.begin(), values.end());
   return s;
-}
-
-std::string machine_line() {
-  std::string model = "unknown CPU";
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  std::string line;
-  bool vmx_or_svm = false;
-  while (std::getline(cpuinfo, line)) {
-    if (line.rfind("model name", 0) == 0 && model == "unknown CPU") {
-      auto colon = line.find(':');
-      if (colon != std::string::npos && colon + 2 <= line.size()) model = line.substr(colon + 2);
-    }
-    if (line.rfind("flags", 0) == 0 &&
-        (line.find(" vmx") != std::string::npos || line.find(" svm") != std::string::npos))
-      vmx_or_svm = true;
-  }
-  utsname u{};
-  ::uname(&u);
-  std::string kvm = fs::exists("/sys/module/kvm_pvm")
-                        ? "KVM is nested PVM (kvm_pvm): guest CPL0 and real mode are emulated"
-                        : (vmx_or_svm ? "KVM with VMX/SVM" : "KVM kind unknown");
-  return strf("%s, %ld CPUs, Linux %s; %s", model.c_str(), ::sysconf(_SC_NPROCESSORS_ONLN),
-              u.release, kvm.c_str());
-}
-
-std::string qemu_version(const std::string& qemu) {
-  FILE* pipe = ::popen((qemu + " --version 2>&1").c_str(), "r");
-  if (pipe == nullptr) return "unknown";
-  char buf[256] = {};
-  std::string first = std::fgets(buf, sizeof buf, pipe) != nullptr ? buf : "unknown";
-  ::pclose(pipe);
-  while (!first.empty() && first.back() == '\n')
-    first.pop_back();
-  return first;
 }
 
 int run(const Options& options) {
