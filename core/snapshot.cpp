@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 
@@ -308,60 +309,57 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
     };
   }
 
-  // Memory: the staged chunks, and the zero ones, over the parent's.
-  std::vector<int64_t> memory_slot((layout->memory_size + chunk - 1) / chunk, -1);
-  for (size_t i = 0; i < layout->memory_staged.size(); ++i) {
-    if (layout->memory_staged[i] >= memory_slot.size()) {
-      throw SnapshotError("snapshot of sandbox " + in_quotes(sandbox) +
-                          ": staged chunk out of range");
-    }
-    memory_slot[layout->memory_staged[i]] = int64_t(i);
-  }
-  std::vector<size_t> memory_changed(layout->memory_staged.begin(), layout->memory_staged.end());
-  for (uint64_t index : layout->memory_zero)
-    if (index < memory_slot.size()) memory_changed.push_back(index);
-  std::sort(memory_changed.begin(), memory_changed.end());
-  Manifest manifest;
-  manifest.objects["memory"] = store->put_object_changes(
-      layout->memory_size, parent_object("memory"), memory_changed,
-      [&](size_t index, std::span<std::byte> out) {
-        int64_t slot = memory_slot.at(index);
-        if (slot < 0) {
-          std::memset(out.data(), 0, out.size());
-        } else {
-          std::memcpy(out.data(), area + layout->memory_slot(size_t(slot)), out.size());
-        }
-      },
-      transfer);
-  done_before += chunk * layout->memory_staged.size();
-  if (layout->has_disk) {
-    std::vector<int64_t> disk_slot((layout->disk_size + chunk - 1) / chunk, -1);
-    for (size_t i = 0; i < layout->disk_staged.size(); ++i) {
-      if (layout->disk_staged[i] >= disk_slot.size()) {
-        throw SnapshotError("snapshot of sandbox " + in_quotes(sandbox) +
-                            ": staged disk chunk out of range");
+  // Stores one object: the chunks listed in `changed` come from their staging slot (`slot_offset`
+  // of the i-th staged chunk) or, when not staged, are zero; every other chunk is the parent's.
+  auto put_staged = [&](const char* what, uint64_t size, const std::vector<uint64_t>& staged,
+                        std::vector<size_t> changed, const std::optional<ObjectRef>& parent,
+                        const std::function<uint64_t(size_t)>& slot_offset) {
+    std::vector<int64_t> slot_of((size + chunk - 1) / chunk, -1);
+    for (size_t i = 0; i < staged.size(); ++i) {
+      if (staged[i] >= slot_of.size()) {
+        throw SnapshotError("snapshot of sandbox " + in_quotes(sandbox) + ": staged " + what +
+                            " chunk " + std::to_string(staged[i]) + " is out of range");
       }
-      disk_slot[layout->disk_staged[i]] = int64_t(i);
+      slot_of[staged[i]] = int64_t(i);
     }
-    std::vector<size_t> disk_changed(layout->disk_staged.begin(), layout->disk_staged.end());
+    std::erase_if(changed, [&](size_t index) { return index >= slot_of.size(); });
+    std::sort(changed.begin(), changed.end());
+    ObjectRef ref = store->put_object_changes(
+        size, parent, changed,
+        [&](size_t index, std::span<std::byte> out) {
+          int64_t slot = slot_of.at(index);
+          if (slot < 0) {
+            std::memset(out.data(), 0, out.size());
+          } else {
+            std::memcpy(out.data(), area + slot_offset(size_t(slot)), out.size());
+          }
+        },
+        transfer);
+    done_before += chunk * staged.size();
+    return ref;
+  };
+
+  // Memory: the staged chunks, and the zero ones, over the parent's.
+  std::vector<size_t> memory_changed(layout->memory_staged.begin(), layout->memory_staged.end());
+  memory_changed.insert(memory_changed.end(), layout->memory_zero.begin(),
+                        layout->memory_zero.end());
+  Manifest manifest;
+  manifest.objects["memory"] =
+      put_staged("memory", layout->memory_size, layout->memory_staged, memory_changed,
+                 parent_object("memory"), [&](size_t i) { return layout->memory_slot(i); });
+  const size_t memory_chunks = (layout->memory_size + chunk - 1) / chunk;
+  if (layout->has_disk) {
     // A first snapshot's delta is all zero outside the staged chunks: an all-zero parent makes
     // the store read only those.
     std::optional<ObjectRef> disk_parent = parent_object("disk");
     if (!disk_parent) {
       disk_parent = ObjectRef{layout->disk_size, layout->chunk_size, {}};
-      disk_parent->chunks.resize(disk_slot.size());
+      disk_parent->chunks.resize((layout->disk_size + chunk - 1) / chunk);
     }
-    manifest.objects["disk"] = store->put_object_changes(
-        layout->disk_size, disk_parent, disk_changed,
-        [&](size_t index, std::span<std::byte> out) {
-          int64_t slot = disk_slot.at(index);
-          if (slot < 0) {
-            std::memset(out.data(), 0, out.size());
-          } else {
-            std::memcpy(out.data(), area + layout->disk_slot(size_t(slot)), out.size());
-          }
-        },
-        transfer);
+    manifest.objects["disk"] =
+        put_staged("disk", layout->disk_size, layout->disk_staged,
+                   std::vector<size_t>(layout->disk_staged.begin(), layout->disk_staged.end()),
+                   disk_parent, [&](size_t i) { return layout->disk_slot(i); });
     manifest.objects["disk.map"] =
         store->put_object(std::span(area + layout->disk_map_offset, layout->disk_map_size));
   }
@@ -391,7 +389,7 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
   result.handle = hash.hex();
   result.parent = parent ? parent->hex() : "";
   result.memory_bytes = layout->memory_size;
-  result.memory_chunks = memory_slot.size();
+  result.memory_chunks = memory_chunks;
   result.memory_chunks_read = memory_changed.size();
   result.disk_chunks_read = layout->disk_staged.size();
   std::set<Hash128> added = chunks_of(manifest);

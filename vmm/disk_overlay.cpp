@@ -289,23 +289,15 @@ void DiskOverlay::read_base(uint64_t offset, std::span<std::byte> out) const {
 
 void DiskOverlay::read(uint64_t offset, std::span<std::byte> out) const {
   check_range(offset, out.size(), "read");
-  for_each_run(offset, out, [&](Source from, uint64_t position, std::span<std::byte> part) {
-    switch (from) {
-      case Source::kOverlay:
-        read_file(data_.get(), overlay_path_, position, part);
-        break;
-      case Source::kLayer:
-        read_file(layer_.get(), layer_path_, position, part);
-        break;
-      case Source::kBase:
-        read_base(position, part);
-        break;
-    }
-  });
+  read_levels(offset, out, /*base_as_zeros=*/false);
 }
 
 void DiskOverlay::read_delta(uint64_t offset, std::span<std::byte> out) const {
   check_range(offset, out.size(), "delta read");
+  read_levels(offset, out, /*base_as_zeros=*/true);
+}
+
+void DiskOverlay::read_levels(uint64_t offset, std::span<std::byte> out, bool base_as_zeros) const {
   for_each_run(offset, out, [&](Source from, uint64_t position, std::span<std::byte> part) {
     switch (from) {
       case Source::kOverlay:
@@ -315,7 +307,11 @@ void DiskOverlay::read_delta(uint64_t offset, std::span<std::byte> out) const {
         read_file(layer_.get(), layer_path_, position, part);
         break;
       case Source::kBase:
-        std::memset(part.data(), 0, part.size());
+        if (base_as_zeros) {
+          std::memset(part.data(), 0, part.size());
+        } else {
+          read_base(position, part);
+        }
         break;
     }
   });

@@ -101,6 +101,9 @@ class DiskOverlay {
   void for_each_run(uint64_t offset, std::span<std::byte> out, Fn&& fn) const;
   void check_range(uint64_t offset, uint64_t length, const char* what) const;
   void read_base(uint64_t offset, std::span<std::byte> out) const;
+  // Each part of [offset, offset + out.size()) from the level that holds it; the base's parts
+  // read as zeros with `base_as_zeros` (the delta a snapshot stores).
+  void read_levels(uint64_t offset, std::span<std::byte> out, bool base_as_zeros) const;
   void read_file(int fd, const std::string& path, uint64_t offset, std::span<std::byte> out) const;
   void open_layer(const std::string& layer_path);
   void copy_up(uint64_t block);
