@@ -342,6 +342,12 @@ TEST_CASE("snapshot commands refuse bad input with one clear line", "[snapshot]"
   require_error(msb({"restore", handle, "--name", "box"}), "already exists");
   require_error(msb({"restore", handle, "--name", "bad/name"}), "invalid sandbox name");
   require_error(msb({"restore", handle, "--name", "y", "--fork", "1001"}), "over the limit");
+  require_error(msb({"restore", handle, "--name", "y", "--fork", "0"}),
+                "--fork must be at least 1");
+  require_error(msb({"restore", handle, "--name", "y", "--memory", "8"}),
+                "--memory must be at least 16 MiB");
+  require_error(msb({"restore", handle, "--name", "y", "--memory", "lots"}), "not a size in MiB");
+  REQUIRE_FALSE(fs::exists(msb.dir("y")));
   require_ok(msb({"stop", "box"}));
   require_error(msb({"snapshot", "create", "box"}), "is not running");
 }
