@@ -549,7 +549,8 @@ fs::path snapshot_cache_dir(const Home& home, const std::string& handle) {
 }
 
 fs::path materialize_snapshot(const Home& home, const Store& store, const std::string& handle,
-                              const snapstore::ProgressFn& progress, double* materialize_ms) {
+                              const snapstore::ProgressFn& progress, double* materialize_ms,
+                              const Manifest* known_manifest) {
   const auto start = Clock::now();
   fs::path dir = snapshot_cache_dir(home, handle);
   fs::create_directories(dir.parent_path());
@@ -558,8 +559,9 @@ fs::path materialize_snapshot(const Home& home, const Store& store, const std::s
   UniqueFd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
   if (!lock || ::flock(lock.get(), LOCK_EX) != 0)
     snapstore::throw_errno("cannot lock " + lock_path.string());
-  Hash128 hash = *Hash128::parse(handle);
-  Manifest manifest = snapshot_manifest(store, hash, handle);
+  std::optional<Manifest> loaded;
+  if (!known_manifest) loaded = snapshot_manifest(store, *Hash128::parse(handle), handle);
+  const Manifest& manifest = known_manifest ? *known_manifest : *loaded;
   auto complete = [&] {
     if (!fs::exists(dir / "complete") || !fs::exists(dir / "state.json")) return false;
     for (const auto& [name, ref] : manifest.objects) {
@@ -652,8 +654,8 @@ RestoreResult restore_snapshot(const Home& home, const std::string& ref,
   if (env_bytes > 64 * 1024) throw SnapshotError("--env: the environment is over 64 KiB");
 
   RestoreResult result;
-  fs::path cache =
-      materialize_snapshot(home, *store, handle, options.progress, &result.materialize_ms);
+  fs::path cache = materialize_snapshot(home, *store, handle, options.progress,
+                                        &result.materialize_ms, &manifest);
 
   std::vector<nlohmann::json> configs;
   for (const auto& name : names) {

@@ -128,10 +128,12 @@ size_t prune_snapshot_caches(const Home& home, const snapstore::Store& store);
 // Where a snapshot is materialized for restores.
 std::filesystem::path snapshot_cache_dir(const Home& home, const std::string& handle);
 // Materializes (if missing) and returns the cache folder; throws SnapshotError naming the
-// snapshot and the chunk when a chunk is missing or corrupted.
+// snapshot and the chunk when a chunk is missing or corrupted. `manifest`: the snapshot's
+// manifest when the caller has read it already (it is not read again), else nullptr.
 std::filesystem::path materialize_snapshot(const Home& home, const snapstore::Store& store,
                                            const std::string& handle,
                                            const snapstore::ProgressFn& progress,
-                                           double* materialize_ms = nullptr);
+                                           double* materialize_ms = nullptr,
+                                           const snapstore::Manifest* manifest = nullptr);
 
 }  // namespace msb::core
