@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 
 #include "cli/context.h"
+#include "cli/image_commands.h"
 #include "cli/sandbox_commands.h"
 #include "cli/snapshot_commands.h"
 #include "cli/store_commands.h"
@@ -36,6 +37,7 @@ int main(int argc, char** argv) {
   auto run_sandbox = msb::cli::add_sandbox_commands(app, global);
   auto run_snapshot = msb::cli::add_snapshot_commands(app, global);
   auto run_store = msb::cli::add_store_commands(app, global);
+  auto run_image = msb::cli::add_image_commands(app, global);
 
   try {
     app.parse(argc, argv);
@@ -60,6 +62,7 @@ int main(int argc, char** argv) {
   try {
     int code = run_sandbox();
     if (code < 0) code = run_snapshot();
+    if (code < 0) code = run_image();
     return code >= 0 ? code : run_store();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "msb: error: %s\n", e.what());

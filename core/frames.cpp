@@ -80,21 +80,22 @@ std::string encode_exec(const ExecRequest& request) {
   append_u32(out, static_cast<uint32_t>(request.argv.size()));
   append_u32(out, static_cast<uint32_t>(request.env.size()));
   append_u32(out, request.timeout_ms);
-  append_u32(out, 0);
+  append_u32(out, request.user.empty() ? 0u : uint32_t{agent::kExecFlagUser});
   for (const auto& arg : request.argv)
     append_string(out, arg);
   for (const auto& entry : request.env)
     append_string(out, entry);
   append_string(out, request.workdir);
+  if (!request.user.empty()) append_string(out, request.user);
   return out;
 }
 
 std::optional<ExecRequest> decode_exec(std::string_view payload) {
   PayloadReader reader(payload);
-  uint32_t argc, envc, reserved;
+  uint32_t argc, envc, flags;
   ExecRequest request;
   if (!reader.u32(argc) || !reader.u32(envc) || !reader.u32(request.timeout_ms) ||
-      !reader.u32(reserved) || argc == 0) {
+      !reader.u32(flags) || argc == 0 || (flags & ~uint32_t{agent::kExecFlagUser}) != 0) {
     return std::nullopt;
   }
   // Each string takes at least its NUL, so counts beyond the payload's size are malformed.
@@ -105,7 +106,11 @@ std::optional<ExecRequest> decode_exec(std::string_view payload) {
     if (!reader.string(arg)) return std::nullopt;
   for (auto& entry : request.env)
     if (!reader.string(entry)) return std::nullopt;
-  if (!reader.string(request.workdir) || !reader.done()) return std::nullopt;
+  if (!reader.string(request.workdir)) return std::nullopt;
+  if ((flags & agent::kExecFlagUser) && (!reader.string(request.user) || request.user.empty())) {
+    return std::nullopt;
+  }
+  if (!reader.done()) return std::nullopt;
   return request;
 }
 

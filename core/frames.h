@@ -51,10 +51,12 @@ struct ExecRequest {
   std::vector<std::string> env;  // "K=V"
   std::string workdir;           // "" for the agent's default
   uint32_t timeout_ms = 0;       // 0: none
+  std::string user;              // "" for the agent's default (NAME, UID, NAME:GROUP, UID:GID)
 };
 
 std::string encode_exec(const ExecRequest& request);
-// nullopt if the payload is malformed (short, argc 0, a string without its NUL, bytes left over).
+// nullopt if the payload is malformed (short, argc 0, a string without its NUL, bytes left over,
+// unknown flags).
 std::optional<ExecRequest> decode_exec(std::string_view payload);
 
 std::string encode_ready(uint32_t max_concurrent);

@@ -289,7 +289,7 @@ TEST_CASE("a frame longer than the protocol allows breaks the stream", "[agent]"
 }
 
 TEST_CASE("exec payloads round-trip and malformed ones are refused", "[agent]") {
-  core::ExecRequest request{{"echo", "a b", ""}, {"K=V"}, "/tmp", 1500};
+  core::ExecRequest request{{"echo", "a b", ""}, {"K=V"}, "/tmp", 1500, ""};
   std::string payload = core::encode_exec(request);
   auto back = core::decode_exec(payload);
   REQUIRE(back);
@@ -297,11 +297,23 @@ TEST_CASE("exec payloads round-trip and malformed ones are refused", "[agent]") 
   REQUIRE(back->env == request.env);
   REQUIRE(back->workdir == "/tmp");
   REQUIRE(back->timeout_ms == 1500);
+  REQUIRE(back->user.empty());
+  request.user = "1000:100";
+  auto with_user = core::decode_exec(core::encode_exec(request));
+  REQUIRE(with_user);
+  REQUIRE(with_user->user == "1000:100");
+  REQUIRE(with_user->workdir == "/tmp");
+  std::string unknown_flag = core::encode_exec(request);
+  unknown_flag[12] = 3;  // ExecPayload.flags: a bit no one defined
+  REQUIRE_FALSE(core::decode_exec(unknown_flag));
+  std::string empty_user = payload;
+  empty_user[12] = agent::kExecFlagUser;  // says a user follows, but none does
+  REQUIRE_FALSE(core::decode_exec(empty_user));
 
-  REQUIRE_FALSE(core::decode_exec(payload.substr(0, payload.size() - 1)));  // workdir's NUL
-  REQUIRE_FALSE(core::decode_exec(payload + "x"));                          // bytes left over
-  REQUIRE_FALSE(core::decode_exec(payload.substr(0, 10)));                  // short header
-  REQUIRE_FALSE(core::decode_exec(core::encode_exec({{}, {}, "", 0})));     // argc 0
+  REQUIRE_FALSE(core::decode_exec(payload.substr(0, payload.size() - 1)));   // workdir's NUL
+  REQUIRE_FALSE(core::decode_exec(payload + "x"));                           // bytes left over
+  REQUIRE_FALSE(core::decode_exec(payload.substr(0, 10)));                   // short header
+  REQUIRE_FALSE(core::decode_exec(core::encode_exec({{}, {}, "", 0, ""})));  // argc 0
   std::string huge_count = payload;
   uint32_t argc = 0xffffffff;
   std::memcpy(huge_count.data(), &argc, 4);

@@ -53,7 +53,8 @@ enum FrameType : uint16_t {
 
   // host -> guest
   kExec = 16,      // payload: ExecPayload, then argc strings, envc "K=V" strings, the working
-                   // directory (a string, empty for the default)
+                   // directory (a string, empty for the default) and, with kExecFlagUser, the
+                   // user to run as (a string: NAME, UID, NAME:GROUP or UID:GID)
   kStdin = 17,     // payload: input bytes; empty = end of input
   kSignal = 18,    // payload: int32_t signal number (9 = kill) for the exec's process
   kSetEnv = 19,    // payload: uint32_t count, then count "K=V" strings
@@ -70,7 +71,11 @@ struct ExecPayload {
   uint32_t argc;        // >= 1
   uint32_t envc;        // extra environment for this exec, over the sandbox's
   uint32_t timeout_ms;  // 0: none; the agent kills the command when it expires
-  uint32_t reserved;    // 0
+  uint32_t flags;       // ExecFlags; unknown bits are refused
+};
+
+enum ExecFlags : uint32_t {
+  kExecFlagUser = 1u << 0,  // a user string follows the working directory
 };
 
 inline constexpr uint32_t kRestoreEntropyBytes = 32;

@@ -678,6 +678,11 @@ void handle_exec(uint32_t id, const uint8_t* payload, uint32_t len) {
     return;
   }
   memcpy(&exec, payload, sizeof(exec));
+  if (exec.flags != 0) {  // a user to run as: the test guest has one context only
+    write_stderr(id, "testguest: cannot run as another user\n");
+    send_exit(id, 126, 0);
+    return;
+  }
   const char* cwd;
   if (exec.argc < 1 || exec.argc > 1024 || exec.envc > 1024 ||
       !take_strings(&p, end, exec.argc, g_exec.argv) ||
