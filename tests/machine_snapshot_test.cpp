@@ -118,7 +118,7 @@ TEST_CASE("a paused machine holds still, captures, and answers again after resum
       REQUIRE(::poll(&readable, 1, 100) == 0);
       const MachineState state = machine->capture();
       REQUIRE(state.vcpus.size() == 2);
-      REQUIRE(state.virtio.size() == 3);
+      REQUIRE(state.virtio.size() == 4);  // console, block, rng, balloon
       REQUIRE(state.virtio[0].name == "virtio-console");
       REQUIRE(state.virtio[0].mmio.activated);
       REQUIRE(state.has_disk);

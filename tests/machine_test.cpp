@@ -160,7 +160,7 @@ void boot_linux_and_check_console(const std::filesystem::path& kernel) {
   const std::vector<std::string> wanted = {
       "Command line: earlyprintk=serial,ttyS0 console=ttyS0 panic=-1 msb.smoke=1 "
       "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 "
-      "virtio_mmio.device=4K@0xd0002000:7 msb.cpus=2",
+      "virtio_mmio.device=4K@0xd0002000:7 virtio_mmio.device=4K@0xd0003000:8 msb.cpus=2",
       "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
       "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
       "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",

@@ -34,6 +34,7 @@
 #include "vmm/machine_state.h"
 #include "vmm/vcpu.h"
 #include "vmm/vcpu_state.h"
+#include "vmm/virtio/balloon.h"
 #include "vmm/virtio/block.h"
 #include "vmm/virtio/console.h"
 #include "vmm/virtio/mmio.h"
@@ -101,8 +102,14 @@ class MachineImpl final : public Machine {
   bool dirty_tracking() const override { return tracking_.load(); }
   std::vector<uint64_t> take_dirty_pages() override;
   DiskOverlay* disk() override { return block_ ? &block_->disk() : nullptr; }
+  void set_balloon_target_mib(uint64_t mib) override;
+  BalloonStatus balloon() const override;
 
  private:
+  // The RAM the guest's e820 map describes.
+  uint64_t e820_ram_mib() const {
+    return config_.balloon_holds_excess ? config_.max_memory_mib : config_.memory_mib;
+  }
   void create_vm();
   void create_memory(bool from_file);
   bool register_slot(const Slot& slot, bool log_dirty);
@@ -137,6 +144,7 @@ class MachineImpl final : public Machine {
   virtio::VirtioConsole* console_ = nullptr;
   virtio::VirtioBlock* block_ = nullptr;
   virtio::VirtioRng* rng_ = nullptr;
+  virtio::VirtioBalloon* balloon_ = nullptr;
   bool restored_ = false;
 
   // Dirty tracking: KVM's log per slot, and the pages the VMM writes (GuestMemory marks them).
@@ -196,6 +204,8 @@ MachineImpl::MachineImpl(const MachineConfig& config, const MachineState* state)
     restore_state(*state);
   } else {
     load_guest();
+    // The balloon holds what is above --memory from the start; the driver inflates as it loads.
+    if (config_.balloon_holds_excess) set_balloon_target_mib(config_.memory_mib);
   }
 }
 
@@ -378,6 +388,10 @@ void MachineImpl::create_devices() {
   auto rng = std::make_unique<virtio::VirtioRng>();
   rng_ = rng.get();
   add_virtio(std::move(rng));
+  // Last, so that the devices before it keep the addresses and GSIs they had without it.
+  auto balloon = std::make_unique<virtio::VirtioBalloon>();
+  balloon_ = balloon.get();
+  add_virtio(std::move(balloon));
 }
 
 void MachineImpl::add_virtio(std::unique_ptr<virtio::VirtioDevice> device) {
@@ -444,7 +458,7 @@ void MachineImpl::load_guest() {
   boot::BootConfig boot_config;
   boot_config.cmdline = cmdline;
   boot_config.initrd = as_bytes(initrd_file);
-  boot_config.ram = boot::ram_ranges(config_.memory_mib << 20);
+  boot_config.ram = boot::ram_ranges(e820_ram_mib() << 20);
   boot::BootInfo info;
   try {
     info = boot::write_boot_params(memory_, kernel, boot_config);
@@ -578,6 +592,8 @@ MachineState MachineImpl::capture() {
       device.device = block_state_to_json(block_->state());
     } else if (raw == rng_) {
       device.device = rng_state_to_json(rng_->state());
+    } else if (raw == balloon_) {
+      device.device = balloon_state_to_json(balloon_->state());
     }
     state.virtio.push_back(std::move(device));
   }
@@ -642,6 +658,16 @@ void MachineImpl::restore_state(const MachineState& state) {
         block_->restore(block_state_from_json(device));
       } else if (raw == rng_) {
         rng_->restore(rng_state_from_json(device));
+      } else if (raw == balloon_) {
+        const virtio::BalloonState balloon = balloon_state_from_json(device);
+        // A target beyond the guest's RAM would have its driver chase pages it cannot have.
+        const uint64_t ram_pages = (e820_ram_mib() << 20) / virtio::VirtioBalloon::kPageSize;
+        if (balloon.num_pages > ram_pages) {
+          throw std::invalid_argument("num_pages " + std::to_string(balloon.num_pages) +
+                                      " is more than the " + std::to_string(ram_pages) +
+                                      " pages of RAM");
+        }
+        balloon_->restore(balloon);
       }
       transports_[i]->restore(saved.mmio, saved.queues, saved.interrupt_status,
                               saved.config_generation);
@@ -699,6 +725,19 @@ std::vector<uint64_t> MachineImpl::take_dirty_pages() {
   for (size_t i = 0; i < dirty.size(); ++i)
     dirty[i] |= vmm[i];
   return dirty;
+}
+
+void MachineImpl::set_balloon_target_mib(uint64_t mib) {
+  const uint64_t ram_mib = e820_ram_mib();
+  const uint64_t balloon_mib = mib >= ram_mib ? 0 : ram_mib - mib;
+  // memory_mib is at most 1 TiB (2^28 pages), so the page count fits the 32-bit field.
+  balloon_->set_target_pages(
+      static_cast<uint32_t>(balloon_mib * (1024 * 1024 / virtio::VirtioBalloon::kPageSize)));
+}
+
+BalloonStatus MachineImpl::balloon() const {
+  const virtio::BalloonState state = balloon_->state();
+  return {state.num_pages, state.actual};
 }
 
 void MachineImpl::stop() {

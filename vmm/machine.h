@@ -4,7 +4,7 @@
 // Guest physical layout (see vmm/linux_boot.h for RAM): the devices sit in the MMIO gap below
 // 4 GiB, virtio-mmio transport i at kVirtioMmioBase + i * kVirtioMmioStride raising GSI
 // kVirtioFirstGsi + i, in this order: console (the agent channel), block (unless there is no
-// disk), rng. The guest learns them from the DSDT or the virtio_mmio.device= arguments.
+// disk), rng, balloon. The guest learns them from the DSDT or the virtio_mmio.device= arguments.
 #pragma once
 
 #include <cstddef>
@@ -48,10 +48,20 @@ struct MachineConfig {
   int console_log_fd = -1;        // serial output is appended here (not owned)
   int agent_fd = -1;              // a stream socket: bytes to and from the guest's console port
                                   // (not owned; msb keeps the other end)
-  std::string memory_path;        // Machine::restore only: a file of exactly max_memory_mib MiB
-                                  // that becomes guest RAM, mapped MAP_PRIVATE (copy-on-write:
-                                  // machines restored from it share its page-cache pages until
-                                  // they write); the file itself never changes
+  // The e820 map gives the guest max_memory_mib of RAM and the balloon starts out holding what
+  // is above memory_mib (for a guest whose driver inflates it early: Linux with msb's agent), so
+  // that a restore can grant more memory as well as less. Off: the map holds memory_mib.
+  bool balloon_holds_excess = false;
+  std::string memory_path;  // Machine::restore only: a file of exactly max_memory_mib MiB
+                            // that becomes guest RAM, mapped MAP_PRIVATE (copy-on-write:
+                            // machines restored from it share its page-cache pages until
+                            // they write); the file itself never changes
+};
+
+// The balloon as the guest's driver left it (vmm/virtio/balloon.h), in 4 KiB pages.
+struct BalloonStatus {
+  uint32_t target_pages = 0;  // what the host asked for (set_balloon_target_mib)
+  uint32_t actual_pages = 0;  // what the driver says it holds; 0 without a driver
 };
 
 // Why a machine stopped.
@@ -120,6 +130,16 @@ class Machine {
   // The disk, for reading a snapshot's disk delta while paused (the device thread is parked, so
   // nothing else uses it); nullptr for a machine without a disk.
   virtual DiskOverlay* disk() = 0;
+
+  // Asks the guest to keep `mib` MiB of its RAM (the e820 map's: memory_mib, or max_memory_mib
+  // with balloon_holds_excess): the balloon's target becomes that RAM - mib (none when mib is
+  // at least the RAM) and the guest's driver hears
+  // of it through a configuration-change interrupt; it inflates (its MemTotal shrinks, the
+  // host frees the pages) or deflates towards it in its own time. Safe from any thread, also
+  // before start() and while paused (the guest then acts on resume). A guest without a balloon
+  // driver (the test guest) ignores it.
+  virtual void set_balloon_target_mib(uint64_t mib) = 0;
+  virtual BalloonStatus balloon() const = 0;
 };
 
 }  // namespace msb::vmm

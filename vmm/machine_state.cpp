@@ -328,11 +328,22 @@ virtio::RngState rng_from(const Reader& in) {
   return {in.number<uint64_t>("bytes_delivered")};
 }
 
+virtio::BalloonState balloon_from(const Reader& in) {
+  virtio::BalloonState state;
+  state.num_pages = in.number<uint32_t>("num_pages");
+  state.actual = in.number<uint32_t>("actual");
+  state.pages_inflated = in.number<uint64_t>("pages_inflated");
+  state.pages_deflated = in.number<uint64_t>("pages_deflated");
+  state.bad_requests = in.number<uint64_t>("bad_requests");
+  return state;
+}
+
 // The device-specific part, checked per kind (and written back in canonical form).
 json device_from_json(const std::string& name, const Reader& in) {
   if (name == "virtio-console") return console_state_to_json(console_from(in));
   if (name == "virtio-blk") return block_state_to_json(block_from(in));
   if (name == "virtio-rng") return rng_state_to_json(rng_from(in));
+  if (name == "virtio-balloon") return balloon_state_to_json(balloon_from(in));
   fail(in.where(), "unknown device \"" + name + "\"");
 }
 
@@ -362,6 +373,18 @@ json rng_state_to_json(const virtio::RngState& state) {
 
 virtio::RngState rng_state_from_json(const json& value) {
   return rng_from(Reader(value, "virtio-rng"));
+}
+
+json balloon_state_to_json(const virtio::BalloonState& state) {
+  return {{"num_pages", state.num_pages},
+          {"actual", state.actual},
+          {"pages_inflated", state.pages_inflated},
+          {"pages_deflated", state.pages_deflated},
+          {"bad_requests", state.bad_requests}};
+}
+
+virtio::BalloonState balloon_state_from_json(const json& value) {
+  return balloon_from(Reader(value, "virtio-balloon"));
 }
 
 json MachineState::to_json() const {

@@ -16,6 +16,7 @@
 #include "vmm/devices/i8042.h"
 #include "vmm/devices/serial.h"
 #include "vmm/vcpu_state.h"
+#include "vmm/virtio/balloon.h"
 #include "vmm/virtio/block.h"
 #include "vmm/virtio/console.h"
 #include "vmm/virtio/mmio.h"
@@ -27,13 +28,15 @@ namespace msb::vmm {
 
 // One virtio-mmio transport and its device, in the machine's device order (machine.h).
 struct VirtioDeviceState {
-  std::string name;  // the device's name(): "virtio-console", "virtio-blk", "virtio-rng"
+  std::string name;  // the device's name(): "virtio-console", "virtio-blk", "virtio-rng",
+                     // "virtio-balloon"
   virtio::MmioState mmio;
   std::vector<virtio::QueueState> queues;
   uint32_t interrupt_status = 0;
   uint32_t config_generation = 0;
   // Device-specific: virtio-console {pending_output (hex), backend_closed, receive_starved},
-  // virtio-blk {requests, errors}, virtio-rng {bytes_delivered}.
+  // virtio-blk {requests, errors}, virtio-rng {bytes_delivered}, virtio-balloon {num_pages,
+  // actual, pages_inflated, pages_deflated, bad_requests}.
   nlohmann::json device = nlohmann::json::object();
 };
 
@@ -66,5 +69,7 @@ nlohmann::json block_state_to_json(const virtio::BlockState& state);
 virtio::BlockState block_state_from_json(const nlohmann::json& json);
 nlohmann::json rng_state_to_json(const virtio::RngState& state);
 virtio::RngState rng_state_from_json(const nlohmann::json& json);
+nlohmann::json balloon_state_to_json(const virtio::BalloonState& state);
+virtio::BalloonState balloon_state_from_json(const nlohmann::json& json);
 
 }  // namespace msb::vmm
