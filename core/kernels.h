@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "core/home.h"
 
@@ -28,9 +29,18 @@ struct KernelChoice {
 // and the host has hardware virtualization, else kTestGuestKernel. `why` (when given) says
 // which and why, for messages.
 std::string default_kernel(const Home& home, std::string* why = nullptr);
+// The same rule with the host's answer given (for tests).
+std::string default_kernel(const Home& home, bool hardware_virtualization, std::string* why);
 
-// Resolves --kernel NAME|PATH: a built-in name, an installed kernel's name, or a file (a path
-// with a '/'). Throws SandboxError naming what was not found.
+// The kernels installed in `home` (folders of $MSB_HOME/kernels holding vmlinux or vmlinuz),
+// sorted.
+std::vector<std::string> installed_kernels(const Home& home);
+
+// Resolves --kernel NAME|PATH: the built-in test guest (beside msb, or in ../libexec/msb), an
+// installed kernel's name, or a path with a '/': a folder laid out like an installed kernel, or a
+// file. A file in such a folder (its vmlinuz, say) boots with that folder's modules; any other
+// file boots as it is (linux_guest false). Throws SandboxError naming what was not found; an
+// unknown name's message lists the installed kernels.
 KernelChoice resolve_kernel(const Home& home, const std::string& name_or_path);
 
 }  // namespace msb::core
