@@ -4,6 +4,7 @@
 
 #include <ctime>
 
+#include "core/images.h"
 #include "snapstore/error.h"
 #include "snapstore/name.h"
 
@@ -23,6 +24,11 @@ PutResult put_file(snapstore::Store& store, const std::string& name,
                    const std::filesystem::path& file, bool replace,
                    const snapstore::ProgressFn& progress) {
   snapstore::check_name(name);
+  // Image tags are names with this prefix (core/images.h): a file must not replace one.
+  if (name.starts_with(kImageNamePrefix)) {
+    throw StoreError("invalid name \"" + name + "\": names starting with \"" + kImageNamePrefix +
+                     "\" are msb's own (image tags)");
+  }
   // Checked first so that a refused name costs no work; set_name checks again atomically.
   if (!replace && store.find_name(name)) {
     throw StoreError("the name \"" + name + "\" already exists (use --force to replace it)");
