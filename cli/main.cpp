@@ -7,6 +7,7 @@
 
 #include "cli/context.h"
 #include "cli/image_commands.h"
+#include "cli/pull_command.h"
 #include "cli/sandbox_commands.h"
 #include "cli/snapshot_commands.h"
 #include "cli/store_commands.h"
@@ -38,6 +39,7 @@ int main(int argc, char** argv) {
   auto run_snapshot = msb::cli::add_snapshot_commands(app, global);
   auto run_store = msb::cli::add_store_commands(app, global);
   auto run_image = msb::cli::add_image_commands(app, global);
+  auto run_pull = msb::cli::add_pull_command(app, global);
 
   try {
     app.parse(argc, argv);
@@ -63,6 +65,7 @@ int main(int argc, char** argv) {
     int code = run_sandbox();
     if (code < 0) code = run_snapshot();
     if (code < 0) code = run_image();
+    if (code < 0) code = run_pull();
     return code >= 0 ? code : run_store();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "msb: error: %s\n", e.what());

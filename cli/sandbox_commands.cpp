@@ -19,11 +19,11 @@ namespace {
 struct SandboxArgs {
   std::string name;
   std::vector<std::string> names;
-  std::string kernel = core::kDefaultKernel;
-  std::string initrd, disk, disk_size, cmdline = core::kDefaultCmdline;
+  std::string kernel, image;
+  std::string initrd, disk, disk_size, cmdline;
   std::string cpus, memory, max_cpus, max_memory;
   std::vector<std::string> env;  // the sandbox's (create, run) or the command's (exec)
-  std::string workdir, timeout;
+  std::string workdir, user, timeout;
   std::vector<std::string> command;
   bool json = false, follow = false, force = false;
 };
@@ -51,6 +51,7 @@ core::CreateOptions create_options(const SandboxArgs& args) {
   options.name = args.name;
   options.kernel = args.kernel;
   options.initrd = args.initrd;
+  options.image = args.image;
   options.disk = args.disk;
   if (!args.disk_size.empty()) {
     if (!args.disk.empty()) throw core::SandboxError("--disk-size is for a blank disk, not --disk");
@@ -72,6 +73,7 @@ core::ExecOptions exec_options(const SandboxArgs& args, bool with_env) {
   options.argv = args.command;
   if (with_env) options.env = args.env;
   options.workdir = args.workdir;
+  options.user = args.user;
   if (!args.timeout.empty()) options.timeout = parse_seconds("--timeout", args.timeout);
   return options;
 }
@@ -134,6 +136,7 @@ int run_ls(const GlobalOptions& global, const SandboxArgs& args) {
           {"memory_mib", s.memory_mib},
           {"max_memory_mib", s.max_memory_mib},
           {"kernel", s.kernel},
+          {"image", s.image},
           {"created", s.created},
           {"uptime_s", s.uptime ? nlohmann::json(*s.uptime) : nlohmann::json()},
           {"reason", s.reason},
@@ -221,14 +224,20 @@ int run_run(const GlobalOptions& global, const SandboxArgs& args) {
 
 void add_create_options(CLI::App* command, SandboxArgs& args) {
   command->add_option("--kernel", args.kernel,
-                      "Kernel: a built-in name (testguest) or a file (default: testguest)");
-  command->add_option("--initrd", args.initrd, "Initial ramdisk file");
+                      "Kernel: testguest, an installed kernel's name (debian-cloud) or a file "
+                      "(default: debian-cloud where installed and the host has VMX/SVM, else "
+                      "testguest)");
+  command->add_option("--image", args.image,
+                      "Root image NAME:TAG for a Linux kernel (default: busybox:latest)");
+  command->add_option("--initrd", args.initrd,
+                      "Initial ramdisk file (default for Linux: msb's, with its agent)");
   command->add_option("--disk", args.disk,
                       "Base disk image, never modified: writes go to the sandbox's overlay");
   command->add_option("--disk-size", args.disk_size,
                       "Size of the blank disk used without --disk, in MiB (default 1024)");
-  command->add_option("--cmdline", args.cmdline, "Kernel command line")
-      ->default_str(core::kDefaultCmdline);
+  command->add_option("--cmdline", args.cmdline,
+                      std::string("Kernel command line (default: \"") + core::kDefaultCmdline +
+                          "\", for Linux \"" + core::kDefaultLinuxCmdline + "\")");
   command->add_option("--cpus", args.cpus, "vCPUs (default 1, at most 254)");
   command->add_option("--memory", args.memory, "Memory in MiB, or with M/G (default 256)");
   command->add_option("--max-cpus", args.max_cpus, "vCPUs the VM is built for (default: --cpus)");
@@ -239,7 +248,10 @@ void add_create_options(CLI::App* command, SandboxArgs& args) {
 }
 
 void add_exec_options(CLI::App* command, SandboxArgs& args) {
-  command->add_option("--workdir", args.workdir, "Working directory of the command");
+  command->add_option("--workdir", args.workdir,
+                      "Working directory of the command (default: the image's)");
+  command->add_option("--user", args.user,
+                      "Run as USER, UID, USER:GROUP or UID:GID (default: the image's, else root)");
   command->add_option("--timeout", args.timeout, "Kill the command after SECONDS (exit 124)");
 }
 
@@ -283,7 +295,9 @@ std::function<int()> add_sandbox_commands(CLI::App& app, const GlobalOptions& gl
   run->add_option("--name", args->name, "Name of the sandbox (default: run-XXXXXXXX)");
   add_create_options(run, *args);
   add_exec_options(run, *args);
-  run->add_option("COMMAND", args->command, "The command and its arguments (after --)")->required();
+  run->add_option("COMMAND", args->command,
+                  "The command and its arguments (after --; default: the image's entrypoint and "
+                  "command)");
 
   return [=, &global]() -> int {
     if (create->parsed()) return run_create(global, *args);

@@ -8,6 +8,7 @@
 #include "cli/output.h"
 #include "core/archive.h"
 #include "core/home.h"
+#include "core/images.h"
 #include "core/snapshot.h"
 #include "snapstore/error.h"
 
@@ -169,7 +170,10 @@ int run_gc(const GlobalOptions& global, const StoreArgs& args) {
   snapstore::GcReport r = store->gc(args.dry_run);
   // Restores' materialized copies of snapshots that are gone now (running sandboxes keep theirs
   // mapped; a stopped one rebuilds it from the snapshot it holds).
-  if (!args.dry_run) core::prune_snapshot_caches(home, *store);
+  if (!args.dry_run) {
+    core::prune_snapshot_caches(home, *store);
+    core::prune_image_caches(home, *store);
+  }
   std::printf(
       "%s %llu chunks (%s), %llu manifests, %llu stale pins, %llu temporary files; "
       "kept %llu chunks, %llu manifests\n",

@@ -122,6 +122,7 @@ std::optional<ExecResult> ControlConnection::exec(const ExecOptions& options, co
                 {"argv", options.argv},
                 {"env", options.env},
                 {"workdir", options.workdir},
+                {"user", options.user},
                 {"timeout_ms", options.timeout.count()}});
   int flags = ::fcntl(fd_.get(), F_GETFL);
   ::fcntl(fd_.get(), F_SETFL, flags | O_NONBLOCK);

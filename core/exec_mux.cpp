@@ -229,6 +229,12 @@ void ExecMux::handle_guest_frame(Frame frame) {
       if (!exit) report("malformed kExit for exec " + std::to_string(frame.id));
       if (Client* client = it->second) {
         agent::ExitPayload result = exit.value_or(agent::ExitPayload{-1, 0});
+        // The agent enforces the timeout too, and its clock may fire first: a command killed by
+        // SIGKILL once its deadline has passed timed out, whoever noticed.
+        if (client->deadline && Clock::now() >= *client->deadline && result.code == -1 &&
+            result.signal == 9) {
+          client->timed_out = true;
+        }
         append_frame(client->out, agent::kExit, 0, encode_exit(result.code, result.signal),
                      client->timed_out ? control::kExitTimedOut : 0);
         client->state = State::kFinishing;
@@ -324,13 +330,14 @@ void ExecMux::handle_request(Client& client, const std::string& text) {
       exec.argv = request.at("argv").get<std::vector<std::string>>();
       exec.env = request.value("env", std::vector<std::string>{});
       exec.workdir = request.value("workdir", std::string());
+      exec.user = request.value("user", std::string());
       exec.timeout_ms = request.value("timeout_ms", uint32_t{0});
       if (exec.argv.empty()) {
         fail(client, "exec needs a command");
         return;
       }
       if (encode_exec(exec).size() > agent::kMaxPayload) {
-        fail(client, "the command, its environment and working directory exceed 64 KiB");
+        fail(client, "the command, its environment, working directory and user exceed 64 KiB");
         return;
       }
       if (guest_broken_) {

@@ -20,6 +20,9 @@
 #include "core/archive.h"
 #include "core/control_client.h"
 #include "core/control_protocol.h"
+#include "core/images.h"
+#include "core/initramfs.h"
+#include "core/kernels.h"
 #include "core/snapshot.h"
 #include "guest/protocol/agent_protocol.h"
 #include "snapstore/error.h"
@@ -300,19 +303,6 @@ void wait_ready(const std::string& name, const fs::path& dir, int pid, bool reco
                      console_tail(dir));
 }
 
-// The path of a built-in kernel (beside msb, then in ../libexec/msb) or of a kernel file.
-std::string resolve_kernel(const std::string& kernel) {
-  if (kernel.find('/') == std::string::npos && kernel == kDefaultKernel) {
-    fs::path bin = self_executable().parent_path();
-    for (const fs::path& candidate : {bin / kernel, bin / ".." / "libexec" / "msb" / kernel}) {
-      if (fs::is_regular_file(candidate)) return fs::weakly_canonical(candidate).string();
-    }
-    throw SandboxError("built-in kernel " + in_quotes(kernel) + " not found beside " +
-                       bin.string() + "/msb or in " + (bin / ".." / "libexec" / "msb").string());
-  }
-  return kernel;
-}
-
 std::string existing_file(std::string_view what, const std::string& path) {
   std::error_code ec;
   auto status = fs::status(path, ec);
@@ -326,8 +316,25 @@ std::string existing_file(std::string_view what, const std::string& path) {
   return fs::absolute(path).lexically_normal().string();
 }
 
-// Checks the options and returns the config.json the VMM process reads.
-nlohmann::json make_config(const CreateOptions& options) {
+// Environment entries of `base` that `over` does not set, then `over`: the sandbox's own entries
+// win over the image's defaults.
+std::vector<std::string> merge_env(const std::vector<std::string>& base,
+                                   const std::vector<std::string>& over) {
+  std::vector<std::string> merged;
+  for (const auto& entry : base) {
+    std::string key = entry.substr(0, entry.find('='));
+    bool overridden = false;
+    for (const auto& mine : over)
+      overridden = overridden || mine.compare(0, key.size() + 1, key + "=") == 0;
+    if (!overridden) merged.push_back(entry);
+  }
+  merged.insert(merged.end(), over.begin(), over.end());
+  return merged;
+}
+
+// Checks the options and returns the config.json the VMM process reads. A Linux kernel gets
+// msb's initramfs (the agent and its modules) and a root image unless told otherwise.
+nlohmann::json make_config(const Home& home, const CreateOptions& options) {
   snapstore::check_name(options.name);
   unsigned max_cpus = options.max_cpus.value_or(options.cpus);
   uint64_t max_memory = options.max_memory_mib.value_or(options.memory_mib);
@@ -358,9 +365,43 @@ nlohmann::json make_config(const CreateOptions& options) {
   if (options.disk.empty() && options.disk_size_mib == 0) {
     throw SandboxError("--disk-size must be at least 1 MiB");
   }
+  if (!options.disk.empty() && !options.image.empty()) {
+    throw SandboxError("--disk and --image both name the root disk: give one");
+  }
+  for (const auto& entry : options.env)
+    check_env_entry("--env", entry);
+
+  const KernelChoice kernel =
+      resolve_kernel(home, options.kernel.empty() ? default_kernel(home) : options.kernel);
+  std::string initrd = options.initrd.empty() ? "" : existing_file("initrd", options.initrd);
+  std::string disk = options.disk.empty() ? "" : existing_file("disk", options.disk);
+  std::string cmdline = options.cmdline;
+  std::vector<std::string> env = options.env;
+  nlohmann::json image = nullptr;
+  if (kernel.linux_guest && initrd.empty()) {
+    initrd = build_initramfs(home, agent_binary(), kernel.modules).string();
+  }
+  if (!options.image.empty() || (kernel.linux_guest && disk.empty())) {
+    auto store = home.open_store();
+    PreparedImage prepared =
+        prepare_image(home, *store, options.image.empty() ? kDefaultImage : options.image);
+    disk = prepared.ext4.string();
+    env = merge_env(prepared.info.config.env, options.env);
+    image = {{"tag", prepared.info.tag},
+             {"id", prepared.info.id},
+             {"manifest", prepared.manifest.hex()},
+             {"workdir", prepared.info.config.workdir},
+             {"user", prepared.info.config.user},
+             {"entrypoint", prepared.info.config.entrypoint},
+             {"cmd", prepared.info.config.cmd}};
+  }
+  if (cmdline.empty()) {
+    cmdline = kernel.linux_guest ? kDefaultLinuxCmdline : kDefaultCmdline;
+  }
+
   // The environment reaches the guest in one agent frame (kSetEnv: a count, then the entries).
   size_t env_bytes = sizeof(uint32_t);
-  for (const auto& entry : options.env) {
+  for (const auto& entry : env) {
     check_env_entry("--env", entry);
     env_bytes += entry.size() + 1;
   }
@@ -368,20 +409,21 @@ nlohmann::json make_config(const CreateOptions& options) {
     throw SandboxError("--env: the environment is " + std::to_string(env_bytes) +
                        " bytes; at most " + std::to_string(agent::kMaxPayload) + " fit");
   }
-  nlohmann::json config = {
-      {"name", options.name},
-      {"kernel", existing_file("kernel", resolve_kernel(options.kernel))},
-      {"kernel_name", options.kernel},
-      {"initrd", options.initrd.empty() ? "" : existing_file("initrd", options.initrd)},
-      {"disk", options.disk.empty() ? "" : existing_file("disk", options.disk)},
-      {"disk_size_mib", options.disk_size_mib},
-      {"cmdline", options.cmdline},
-      {"cpus", options.cpus},
-      {"max_cpus", max_cpus},
-      {"memory_mib", options.memory_mib},
-      {"max_memory_mib", max_memory},
-      {"env", options.env},
-      {"created", utc_timestamp()}};
+  nlohmann::json config = {{"name", options.name},
+                           {"kernel", existing_file("kernel", kernel.image.string())},
+                           {"kernel_name", kernel.name},
+                           {"initrd", initrd},
+                           {"disk", disk},
+                           {"disk_size_mib", options.disk_size_mib},
+                           {"image", image},
+                           {"linux", kernel.linux_guest},
+                           {"cmdline", cmdline},
+                           {"cpus", options.cpus},
+                           {"max_cpus", max_cpus},
+                           {"memory_mib", options.memory_mib},
+                           {"max_memory_mib", max_memory},
+                           {"env", env},
+                           {"created", utc_timestamp()}};
   return config;
 }
 
@@ -431,7 +473,7 @@ int ExecResult::exit_status() const {
 }
 
 Sandbox Sandbox::create(const Home& home, const CreateOptions& options) {
-  nlohmann::json config = make_config(options);
+  nlohmann::json config = make_config(home, options);
   boot_timeout();  // a bad MSB_BOOT_TIMEOUT fails before anything is made
   fs::create_directories(sandboxes_dir(home));
   fs::path dir = sandboxes_dir(home) / options.name;
@@ -442,14 +484,35 @@ Sandbox Sandbox::create(const Home& home, const CreateOptions& options) {
     snapstore::throw_errno("cannot create " + dir.string());
   }
   Sandbox sandbox(options.name, dir);
+  // The sandbox holds its image (a store name) so that msb image rm and gc leave its disk's base.
+  auto image = config["image"].is_object()
+                   ? snapstore::Hash128::parse(config["image"].value("manifest", std::string()))
+                   : std::nullopt;
+  auto release_image = [&] {
+    if (image) home.open_store()->remove_name(image_hold_name(options.name));
+  };
   try {
     UniqueFd lock = claim(dir, options.name);
+    if (image) home.open_store()->set_name(image_hold_name(options.name), *image, true);
     write_json_file(dir / "config.json", config);
     int pid = spawn_vmm(dir);
     wait_ready(options.name, dir, pid, /*record_failure=*/false);
+  } catch (const SandboxError& e) {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    release_image();
+    // Where kernel code is emulated Linux cannot boot in useful time: say so with the failure.
+    if (config.value("linux", false) && !host_has_hardware_virtualization()) {
+      throw SandboxError(std::string(e.what()) +
+                         "\n  (this host has no VMX/SVM: a Linux guest's kernel code is emulated "
+                         "and cannot boot in useful time; --kernel testguest runs msb's test "
+                         "guest)");
+    }
+    throw;
   } catch (...) {
     std::error_code ec;
     fs::remove_all(dir, ec);
+    release_image();
     throw;
   }
   return sandbox;
@@ -530,6 +593,9 @@ SandboxInfo Sandbox::info() const {
     info.memory_mib = config->value("memory_mib", uint64_t{0});
     info.max_memory_mib = config->value("max_memory_mib", uint64_t{0});
     info.kernel = config->value("kernel_name", std::string());
+    if (config->contains("image") && (*config)["image"].is_object()) {
+      info.image = (*config)["image"].value("tag", std::string());
+    }
     info.created = config->value("created", std::string());
     if (config->contains("restore")) info.parent = (*config)["restore"].value("handle", "");
   }
@@ -564,8 +630,22 @@ SandboxInfo Sandbox::info() const {
   return info;
 }
 
-ExecResult Sandbox::exec(const ExecOptions& options, const ExecIo& io) const {
-  if (options.argv.empty()) throw SandboxError("exec needs a command");
+ExecResult Sandbox::exec(const ExecOptions& requested, const ExecIo& io) const {
+  // What the call leaves out comes from the sandbox's image: its working directory, its user,
+  // and (for `msb run` without a command) its entrypoint and command.
+  ExecOptions options = requested;
+  if (auto config = read_json_file(dir_ / "config.json");
+      config && config->contains("image") && (*config)["image"].is_object()) {
+    const nlohmann::json& image = (*config)["image"];
+    if (options.workdir.empty()) options.workdir = image.value("workdir", std::string());
+    if (options.user.empty()) options.user = image.value("user", std::string());
+    if (options.argv.empty()) {
+      options.argv = image.value("entrypoint", std::vector<std::string>{});
+      for (const auto& arg : image.value("cmd", std::vector<std::string>{}))
+        options.argv.push_back(arg);
+    }
+  }
+  if (options.argv.empty()) throw SandboxError("exec needs a command (the image names none)");
   for (const auto& entry : options.env)
     check_env_entry("--env", entry);
   UniqueFd fd = connect_unix(dir_ / "control.sock");
@@ -660,7 +740,8 @@ void Sandbox::remove(bool force) const {
     snapstore::throw_errno("cannot remove " + dir_.string());
   }
   fs::remove_all(trash);
-  // Its unnamed snapshots go with it, and its hold on the snapshot it was restored from.
+  // Its unnamed snapshots go with it, and its holds on its image and on the snapshot it was
+  // restored from.
   try {
     release_sandbox_snapshots(home_of(), name_);
   } catch (const std::exception&) {
@@ -698,7 +779,10 @@ void Sandbox::logs(bool follow, const std::function<void(std::string_view)>& out
 ExecResult run_once(const Home& home, CreateOptions options, const ExecOptions& exec,
                     const ExecIo& io) {
   if (options.name.empty()) options.name = "run-" + random_suffix();
-  if (exec.argv.empty()) throw SandboxError("run needs a command");
+  // Without a command the image's entrypoint and command run; a command is needed otherwise.
+  if (exec.argv.empty() && options.image.empty()) {
+    throw SandboxError("run needs a command (or an --image whose config names one)");
+  }
   Sandbox sandbox = Sandbox::create(home, options);
   ExecResult result;
   {

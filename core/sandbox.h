@@ -40,18 +40,21 @@ class SandboxError : public std::runtime_error {
 };
 
 inline constexpr unsigned kMaxCpus = 254;
-inline constexpr const char* kDefaultKernel = "testguest";
 // Serial console; i8042 reset as the way to reboot (msb treats it as power-off); reboot on panic.
 inline constexpr const char* kDefaultCmdline = "console=ttyS0 reboot=k panic=-1";
+// A Linux guest's: the same, quiet (the console is slow where kernel code is emulated). msb adds
+// msb.hostname=NAME for the agent.
+inline constexpr const char* kDefaultLinuxCmdline = "console=ttyS0 reboot=k panic=-1 quiet";
 
 // What `msb create` is given. Setters chain: CreateOptions().named("a").with_cpus(2).
 struct CreateOptions {
   std::string name;
-  std::string kernel = kDefaultKernel;  // a built-in kernel's name, or a path
-  std::string initrd;                   // "" for none
-  std::string disk;                     // base image; "" for a blank disk of disk_size_mib
+  std::string kernel;  // a built-in or installed kernel's name, or a path; "": default_kernel()
+  std::string initrd;  // "" for none (a Linux kernel: msb's initramfs with the agent)
+  std::string image;   // a Linux guest's root image (NAME:TAG); "" for kDefaultImage
+  std::string disk;    // base image; "" for a blank disk of disk_size_mib (the test guest)
   uint64_t disk_size_mib = 1024;
-  std::string cmdline = kDefaultCmdline;
+  std::string cmdline;  // "": kDefaultCmdline, or kDefaultLinuxCmdline for a Linux kernel
   unsigned cpus = 1;
   std::optional<unsigned> max_cpus;  // default: cpus
   uint64_t memory_mib = 256;
@@ -76,8 +79,9 @@ void check_env_entry(std::string_view flag, std::string_view entry);
 struct ExecOptions {
   std::vector<std::string> argv;
   std::vector<std::string> env;  // "K=V", over the sandbox's
-  std::string workdir;
+  std::string workdir;           // "": the image's working directory, else the agent's default
   std::chrono::milliseconds timeout{0};  // 0: none
+  std::string user;  // "": the image's user, else root (NAME, UID, NAME:GROUP, UID:GID)
 };
 
 // Where an exec's output goes and its input comes from.
@@ -102,6 +106,7 @@ struct SandboxInfo {
   unsigned cpus = 0, max_cpus = 0;
   uint64_t memory_mib = 0, max_memory_mib = 0;
   std::string kernel;
+  std::string image;             // the root image's tag, "" for none
   std::string created;           // ISO 8601 UTC
   std::optional<double> uptime;  // seconds, while running
   std::string reason;            // why it stopped: "powered-off", "killed", "triple-fault", ...

@@ -17,6 +17,7 @@
 #include "core/archive.h"
 #include "core/control_client.h"
 #include "core/control_protocol.h"
+#include "core/images.h"
 #include "core/sandbox.h"
 #include "core/snapshot_staging.h"
 #include "snapstore/error.h"
@@ -51,6 +52,12 @@ std::string unnamed_name(const std::string& sandbox, const std::string& handle) 
 
 std::string parent_name(const std::string& sandbox) {
   return kInternalNamePrefix + sandbox + ".parent";
+}
+
+// The image manifest a sandbox's config names (its disk's base), if any.
+std::optional<Hash128> image_of(const nlohmann::json& config) {
+  if (!config.contains("image") || !config["image"].is_object()) return std::nullopt;
+  return Hash128::parse(config["image"].value("manifest", std::string()));
 }
 
 bool is_internal(std::string_view name) {
@@ -375,6 +382,7 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
                    {"config", config},
                    {"machine", header.at("state")}};
   if (parent) manifest.manifests.push_back(*parent);
+  if (auto image = image_of(config)) manifest.manifests.push_back(*image);
   Hash128 hash = store->put_manifest(manifest);
   store->set_name(unnamed_name(sandbox, hash.hex()), hash, /*replace=*/true);
 
@@ -436,6 +444,10 @@ std::string save_named(const Home& home, const std::string& ref, const std::stri
   if (is_internal(name)) {
     throw SnapshotError("invalid snapshot name " + in_quotes(name) + ": names starting with \"" +
                         kInternalNamePrefix + "\" are msb's own");
+  }
+  if (name.starts_with(kImageNamePrefix)) {
+    throw SnapshotError("invalid snapshot name " + in_quotes(name) + ": names starting with \"" +
+                        kImageNamePrefix + "\" are msb's own (image tags)");
   }
   auto store = home.open_store();
   std::string handle = resolve_snapshot(*store, ref);
@@ -668,17 +680,29 @@ RestoreResult restore_snapshot(const Home& home, const std::string& ref,
     config["restore"] = {{"handle", handle}, {"cache", cache.string()}};
     configs.push_back(std::move(config));
   }
-  // Each sandbox holds its snapshot (and so the chunks its disk and memory come from) for as long
-  // as it exists, whatever happens to the snapshot's names.
-  for (const auto& name : names)
+  // The image the disk is a layer over, materialized again if gc pruned its cache meanwhile.
+  const std::optional<Hash128> image = image_of(source);
+  if (image) {
+    PreparedImage prepared = prepare_image(home, *store, *image, options.progress);
+    for (auto& config : configs)
+      config["disk"] = prepared.ext4.string();
+  }
+  // Each sandbox holds its snapshot (and so the chunks its disk and memory come from) and its
+  // image for as long as it exists, whatever happens to the snapshot's names and the image's tags.
+  for (const auto& name : names) {
     store->set_name(parent_name(name), hash, /*replace=*/true);
+    if (image) store->set_name(image_hold_name(name), *image, /*replace=*/true);
+  }
   store.reset();  // gc may run while the sandboxes live; the names keep what they need
   try {
     Sandbox::create_restored(home, configs);
   } catch (...) {
     if (auto again = home.open_store()) {
-      for (const auto& name : names)
-        if (!fs::exists(home.root() / "sandboxes" / name)) again->remove_name(parent_name(name));
+      for (const auto& name : names) {
+        if (fs::exists(home.root() / "sandboxes" / name)) continue;
+        again->remove_name(parent_name(name));
+        if (image) again->remove_name(image_hold_name(name));
+      }
     }
     throw;
   }
@@ -687,12 +711,16 @@ RestoreResult restore_snapshot(const Home& home, const std::string& ref,
   return result;
 }
 
+std::string image_hold_name(const std::string& sandbox) {
+  return kInternalNamePrefix + sandbox + ".image";
+}
+
 void release_sandbox_snapshots(const Home& home, const std::string& sandbox) {
   auto store = home.open_store();
   for (const auto& [name, hash] : store->list_names()) {
     auto internal = split_internal(name);
     if (!internal || internal->first != sandbox) continue;
-    if (internal->second == "parent" ||
+    if (internal->second == "parent" || internal->second == "image" ||
         (internal->second.size() == 32 && is_hex(internal->second))) {
       store->remove_name(name);
     }

@@ -3,14 +3,16 @@
 //
 // A snapshot is a store manifest (meta.kind "snapshot", see kSnapshotFormat) whose objects are the
 // guest memory ("memory"), the disk delta's data and map ("disk", "disk.map"), and whose
-// manifests list holds its parent (the snapshot it is incremental to), so the store keeps a
-// parent as long as a child exists. Its handle is the manifest's hash in hex.
+// manifests list holds its parent (the snapshot it is incremental to) and the image its disk is
+// a layer over, so the store keeps them as long as the snapshot exists. Its handle is the
+// manifest's hash in hex.
 //
 // Lifetimes are store names:
 //   NAME                        a named snapshot (msb snapshot save-named): lives until removed
 //   sandbox.SANDBOX.HANDLE      an unnamed snapshot taken of SANDBOX: removed with the sandbox
 //   sandbox.SANDBOX.parent      the snapshot a restored SANDBOX came from: removed with it
-// User names may not start with "sandbox." (kInternalNamePrefix).
+//   sandbox.SANDBOX.image       the image SANDBOX's disk is a layer over: removed with it
+// User names may not start with "sandbox." (kInternalNamePrefix) or "image." (image tags).
 //
 // Restore materializes a snapshot's memory and disk delta once into
 // $MSB_HOME/cache/snapshots/HANDLE/ (rebuilt when missing; every chunk's hash is checked as it is
@@ -122,6 +124,9 @@ RestoreResult restore_snapshot(const Home& home, const std::string& ref,
 
 // The store names that make `sandbox` hold snapshots (its unnamed snapshots, its parent).
 void release_sandbox_snapshots(const Home& home, const std::string& sandbox);
+
+// The store name by which `sandbox` holds the image its disk is a layer over.
+std::string image_hold_name(const std::string& sandbox);
 // Removes cached materializations of snapshots the store no longer has; returns how many.
 size_t prune_snapshot_caches(const Home& home, const snapstore::Store& store);
 

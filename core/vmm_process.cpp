@@ -78,6 +78,12 @@ vmm::MachineConfig machine_config(const nlohmann::json& config, int console_fd, 
   machine.disk_base_path = config.value("disk", std::string());
   machine.disk_overlay_path = std::filesystem::absolute("disk.overlay").string();
   machine.disk_size = config.value("disk_size_mib", uint64_t{1024}) << 20;
+  // A Linux guest (msb's agent loads the balloon driver at boot) sees RAM up to the ceiling with
+  // the balloon holding what is above --memory, and learns the sandbox's name for its hostname.
+  if (config.value("linux", false)) {
+    machine.balloon_holds_excess = true;
+    machine.cmdline += " msb.hostname=" + config.at("name").get<std::string>();
+  }
   machine.console_log_fd = console_fd;
   machine.agent_fd = agent_fd;
   // A sandbox restored from a snapshot keeps that snapshot's disk delta under its overlay, for
@@ -164,6 +170,9 @@ int run_vmm_process(const std::filesystem::path& dir) {
       machine_settings.cpus = state.cpus;
       machine_settings.memory_mib = state.memory_mib;
       machine = vmm::Machine::restore(machine_settings, state);
+      // The granted memory: the balloon's new target, set before kRestore so that the agent
+      // finds it when it waits for the balloon.
+      machine->set_balloon_target_mib(config.at("memory_mib").get<uint64_t>());
       restore_frame = restore_payload(config);
       parent = config["restore"].at("handle").get<std::string>();
       // From now on a start boots (the RAM image is this sandbox's past, not its present).

@@ -229,7 +229,7 @@ Captured run(Harness& h, std::vector<std::string> argv, std::optional<std::strin
     });
   }
   ControlConnection connection = h.connect();
-  c.result = connection.exec(ExecOptions{std::move(argv), std::move(env), "", timeout}, io);
+  c.result = connection.exec(ExecOptions{std::move(argv), std::move(env), "", timeout, ""}, io);
   if (writer.joinable()) writer.join();
   if (pipe_fds[0] >= 0) ::close(pipe_fds[0]);
   return c;
@@ -375,7 +375,7 @@ TEST_CASE("execs beyond the guest's limit wait their turn", "[agent]") {
     io.on_stdout = [&](std::string_view b) { first.out.append(b); };
     io.stdin_fd = pipe_fds[0];
     ControlConnection c = h.connect();
-    first.result = c.exec(ExecOptions{{"cat"}, {}, "", {}}, io);
+    first.result = c.exec(ExecOptions{{"cat"}, {}, "", {}, ""}, io);
   });
   REQUIRE(eventually([&] { return h.guest->execs == 1; }));
   std::atomic<bool> second_done = false;

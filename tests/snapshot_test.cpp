@@ -338,6 +338,7 @@ TEST_CASE("snapshot commands refuse bad input with one clear line", "[snapshot]"
 
   std::string handle = handle_of(msb, {"box", "--resume"});
   require_error(msb({"snapshot", "save-named", handle, "sandbox.mine"}), "msb's own");
+  require_error(msb({"snapshot", "save-named", handle, "image.mine"}), "image tags");
   require_error(msb({"snapshot", "save-named", handle, "bad/name"}), "invalid snapshot name");
   require_error(msb({"restore", handle, "--name", "box"}), "already exists");
   require_error(msb({"restore", handle, "--name", "bad/name"}), "invalid sandbox name");
@@ -350,4 +351,44 @@ TEST_CASE("snapshot commands refuse bad input with one clear line", "[snapshot]"
   REQUIRE_FALSE(fs::exists(msb.dir("y")));
   require_ok(msb({"stop", "box"}));
   require_error(msb({"snapshot", "create", "box"}), "is not running");
+}
+
+// The image a sandbox's disk is a layer over outlives its tag for as long as a sandbox or a
+// snapshot needs it; gc takes its cached ext4 once nothing does. (The test guest reads the disk
+// raw, which is all this needs.)
+TEST_CASE("sandboxes and snapshots hold their image through image rm and gc", "[snapshot]") {
+  Msb msb;
+  require_ok(msb({"create", "box", "--memory", "64", "--image", "busybox:latest"}));
+  REQUIRE(msb.ls().at(0).at("image") == "busybox:latest");
+  auto cached_images = [&] {
+    size_t n = 0;
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(msb.home / "cache" / "images", ec))
+      n += entry.path().extension() == ".ext4";
+    return n;
+  };
+  REQUIRE(cached_images() == 1);
+  require_ok(msb({"image", "rm", "busybox:latest"}));
+  require_ok(msb({"store", "gc"}));
+  REQUIRE(cached_images() == 1);  // the sandbox holds it
+  require_ok(msb({"stop", "box"}));
+  require_ok(msb({"start", "box"}));
+  REQUIRE(msb.exec({"echo", "up"}) == "up\n");
+
+  std::string handle = handle_of(msb, {"box", "--resume"});
+  require_ok(msb({"snapshot", "save-named", handle, "keep"}));
+  require_ok(msb({"rm", "--force", "box"}));
+  require_ok(msb({"store", "gc"}));
+  REQUIRE(cached_images() == 1);  // the named snapshot lists it
+  // Even with its cache gone, a restore materializes it again from the store.
+  fs::remove_all(msb.home / "cache" / "images");
+  require_ok(msb({"restore", "keep", "--name", "fork"}));
+  REQUIRE(cached_images() == 1);
+  REQUIRE(msb.exec_in("fork", {"echo", "up"}) == "up\n");
+  require_ok(msb({"snapshot", "rm", "keep"}));
+  require_ok(msb({"store", "gc"}));
+  REQUIRE(cached_images() == 1);  // the fork holds it
+  require_ok(msb({"rm", "--force", "fork"}));
+  require_ok(msb({"store", "gc"}));
+  REQUIRE(cached_images() == 0);
 }

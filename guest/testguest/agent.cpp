@@ -678,16 +678,21 @@ void handle_exec(uint32_t id, const uint8_t* payload, uint32_t len) {
     return;
   }
   memcpy(&exec, payload, sizeof(exec));
-  if (exec.flags != 0) {  // a user to run as: the test guest has one context only
-    write_stderr(id, "testguest: cannot run as another user\n");
+  const char* cwd;
+  const char* user = "root";
+  if (exec.argc < 1 || exec.argc > 1024 || exec.envc > 1024 ||
+      (exec.flags & ~uint32_t{agent::kExecFlagUser}) != 0 ||
+      !take_strings(&p, end, exec.argc, g_exec.argv) ||
+      !take_strings(&p, end, exec.envc, g_exec.envp) || !take_strings(&p, end, 1, &cwd) ||
+      ((exec.flags & agent::kExecFlagUser) && !take_strings(&p, end, 1, &user))) {
+    write_stderr(id, "testguest: malformed exec frame\n");
     send_exit(id, 126, 0);
     return;
   }
-  const char* cwd;
-  if (exec.argc < 1 || exec.argc > 1024 || exec.envc > 1024 ||
-      !take_strings(&p, end, exec.argc, g_exec.argv) ||
-      !take_strings(&p, end, exec.envc, g_exec.envp) || !take_strings(&p, end, 1, &cwd)) {
-    write_stderr(id, "testguest: malformed exec frame\n");
+  // The test guest has one context: root's (an image's default user may name it).
+  if (!str_eq(user, "root") && !str_eq(user, "0") && !str_eq(user, "root:root") &&
+      !str_eq(user, "0:0")) {
+    write_stderr(id, "testguest: cannot run as another user than root\n");
     send_exit(id, 126, 0);
     return;
   }
