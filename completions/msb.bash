@@ -10,9 +10,10 @@
 # The subcommands of a command path (none for a leaf).
 _msb_subcommands() {
     case $1 in
-        "msb") echo "create exec ls logs stop start pause resume rm run snapshot restore store" ;;
+        "msb") echo "create exec ls logs stop start pause resume rm run snapshot restore store image pull" ;;
         "msb snapshot") echo "create save-named ls inspect rm" ;;
         "msb store") echo "put get ls rm stats verify gc" ;;
+        "msb image") echo "import ls rm" ;;
     esac
 }
 
@@ -22,18 +23,20 @@ _msb_options() {
     local global="--home -q --quiet -h --help"
     case $1 in
         "msb") echo "$global --version" ;;
-        "msb create") echo "$global --kernel --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus --max-memory --env" ;;
-        "msb exec") echo "$global --env --workdir --timeout" ;;
+        "msb create") echo "$global --kernel --image --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus --max-memory --env" ;;
+        "msb exec") echo "$global --env --workdir --user --timeout" ;;
         "msb logs") echo "$global -f --follow" ;;
         "msb stop") echo "$global --timeout" ;;
         "msb rm") echo "$global -f --force" ;;
-        "msb run") echo "$global --name --kernel --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus --max-memory --env --workdir --timeout" ;;
+        "msb run") echo "$global --name --kernel --image --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus --max-memory --env --workdir --user --timeout" ;;
         "msb snapshot create") echo "$global --resume --json" ;;
         "msb snapshot save-named") echo "$global -f --force" ;;
         "msb snapshot inspect") echo "$global --json --verify" ;;
         "msb restore") echo "$global --name --fork --memory --cpus --env --json" ;;
         "msb store put") echo "$global -f --force" ;;
+        "msb image import") echo "$global --tag --json" ;;
         "msb ls" | "msb snapshot ls" | "msb store ls" | "msb store stats") echo "$global --json" ;;
+        "msb image ls" | "msb pull") echo "$global --json" ;;
         "msb store gc") echo "$global -n --dry-run" ;;
         *) echo "$global" ;;
     esac
@@ -53,12 +56,12 @@ _msb_names() {
     done
 }
 
-# Snapshot names: the store's names, less msb's own ("sandbox.*"). Whether a name is a snapshot's
+# Snapshot names: the store's names, less msb's own ("sandbox.*", "image.*"). Whether a name is a snapshot's
 # or a file's would take reading its manifest; offering both is cheap and harmless.
 _msb_snapshot_names() {
     local name
     while IFS= read -r name; do
-        [[ $name == sandbox.* ]] || printf '%s\n' "$name"
+        [[ $name == sandbox.* || $name == image.* ]] || printf '%s\n' "$name"
     done < <(_msb_names "$1")
 }
 
@@ -129,7 +132,8 @@ _msb_arguments() {
                 done
                 names+=("$name")
             done < <(_msb_snapshot_names "$home") ;;
-        "msb store put 2" | "msb store get 2")
+        "msb store put 2" | "msb store get 2" | "msb image import 1")
+            # An OCI image layout is a folder, a docker save tarball a file: offer both.
             _msb_files
             return ;;
     esac
@@ -148,6 +152,7 @@ _msb() {
         return
     fi
     # Options that take a file.
+    # (--kernel also takes an installed kernel's name, which is typed.)
     if [[ $prev == --kernel || $prev == --initrd || $prev == --disk ]]; then
         _msb_files
         return
@@ -176,7 +181,8 @@ _msb() {
                 --home=*) home=${word#--home=}; continue ;;
                 # Options with a value: skip the value too.
                 --kernel | --initrd | --disk | --disk-size | --cmdline | --cpus | --memory | \
-                    --max-cpus | --max-memory | --env | --workdir | --timeout | --name | --fork)
+                    --max-cpus | --max-memory | --env | --workdir | --timeout | --name | --fork | \
+                    --image | --user | --tag)
                     ((i++))
                     continue ;;
                 -f | --force) force=1; continue ;;

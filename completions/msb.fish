@@ -23,6 +23,8 @@ set -g __fish_msb_tree \
     'msb' snapshot 'Capture, name, list and remove snapshots' \
     'msb' restore 'Start sandboxes from a snapshot, without booting' \
     'msb' store 'Inspect and maintain the content-addressed store' \
+    'msb' image 'Import, list and remove root file system images' \
+    'msb' pull 'Download an image from a registry and import it' \
     'msb snapshot' create 'Pause a sandbox, capture its whole state, print the handle' \
     'msb snapshot' save-named 'Keep a snapshot under a name that outlives its sandbox' \
     'msb snapshot' ls 'List snapshots' \
@@ -34,7 +36,10 @@ set -g __fish_msb_tree \
     'msb store' rm 'Remove names (gc reclaims their space)' \
     'msb store' stats 'Show chunk counts, sizes, dedup and compression' \
     'msb store' verify 'Re-hash every chunk and check every reference' \
-    'msb store' gc 'Delete what no name or running sandbox uses'
+    'msb store' gc 'Delete what no name or running sandbox uses' \
+    'msb image' import 'Import an OCI image layout or a docker save tarball' \
+    'msb image' ls 'List images: tag, id, ext4 size, created, source' \
+    'msb image' rm 'Remove image tags (gc reclaims what nothing uses)'
 
 # Prints, one per line: the command path, the --home given (or an empty line), 1 if -f/--force
 # was given (else 0), then the positional arguments before the cursor. This walks the tokens
@@ -64,7 +69,7 @@ function __fish_msb_parse
                     set home (string replace -- --home= '' $token)
                     continue
                 case --kernel --initrd --disk --disk-size --cmdline --cpus --memory --max-cpus \
-                    --max-memory --env --workdir --timeout --name --fork
+                    --max-memory --env --workdir --timeout --name --fork --image --user --tag
                     # An option with a value: skip the value too.
                     set i (math $i + 1)
                     continue
@@ -131,10 +136,10 @@ function __fish_msb_names
     end
 end
 
-# Snapshot names: the store's names less msb's own (sandbox.*). Telling a snapshot's name from a
+# Snapshot names: the store's names less msb's own (sandbox.*, image.*). Telling a snapshot's name from a
 # file's would take reading its manifest; offering both is cheap and harmless. A handle is typed.
 function __fish_msb_snapshot_names
-    __fish_msb_names | string match -v -- 'sandbox.*'
+    __fish_msb_names | string match -v -r -- '^(sandbox|image)\.'
 end
 
 # Existing sandboxes: the folders under sandboxes/, less the positional arguments already given.
@@ -170,7 +175,9 @@ complete -c msb -n "__fish_msb_using msb" -l version -d 'Print the version and e
 
 # Options and arguments of each command.
 complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l kernel -r -F \
-    -d 'Kernel: a built-in name (testguest) or a file'
+    -d 'Kernel: testguest, an installed kernel (debian-cloud) or a file'
+complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l image -x \
+    -d 'Root image NAME:TAG for a Linux kernel (default busybox:latest)'
 complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l initrd -r -F -d 'Initial ramdisk'
 complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l disk -r -F -d 'Base disk image'
 complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l disk-size -x \
@@ -184,6 +191,8 @@ complete -c msb -n "__fish_msb_using 'msb create' 'msb run'" -l max-memory -x \
     -d 'Memory the VM is built for'
 complete -c msb -n "__fish_msb_using 'msb create' 'msb run' 'msb exec'" -l env -x -d KEY=VALUE
 complete -c msb -n "__fish_msb_using 'msb exec' 'msb run'" -l workdir -x -d 'Working directory'
+complete -c msb -n "__fish_msb_using 'msb exec' 'msb run'" -l user -x \
+    -d 'Run as USER, UID, USER:GROUP or UID:GID'
 complete -c msb -n "__fish_msb_using 'msb exec' 'msb run' 'msb stop'" -l timeout -x -d Seconds
 complete -c msb -n "__fish_msb_using 'msb run'" -l name -x -d 'Name of the sandbox'
 complete -c msb -n "__fish_msb_arg 'msb exec' 1" -a '(__fish_msb_sandboxes)' -d Sandbox
@@ -239,3 +248,9 @@ complete -c msb -n "__fish_msb_using 'msb restore'" -l env -x \
 complete -c msb -n "__fish_msb_using 'msb restore'" -l json \
     -d 'Print the sandboxes and timings as JSON'
 complete -c msb -n "__fish_msb_arg 'msb restore' 1" -a '(__fish_msb_snapshot_names)' -d Snapshot
+# Image tags are stored under hashed names (image.<hash>), so they are typed: msb image ls lists them.
+complete -c msb -n "__fish_msb_using 'msb image import'" -l tag -x -d 'NAME[:TAG] to keep it under'
+complete -c msb -n "__fish_msb_using 'msb image import'" -l json -d 'Print the image as JSON'
+complete -c msb -n "__fish_msb_arg 'msb image import' 1" -F
+complete -c msb -n "__fish_msb_using 'msb image ls'" -l json -d 'Print JSON'
+complete -c msb -n "__fish_msb_using 'msb pull'" -l json -d 'Print the image as JSON'
