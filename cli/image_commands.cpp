@@ -11,6 +11,16 @@
 #include "core/images.h"
 
 namespace msb::cli {
+
+void print_new_image(const GlobalOptions& global, bool json, const core::ImageInfo& info) {
+  if (json) {
+    std::printf("%s\n", info.to_json().dump(2).c_str());
+  } else if (!global.quiet) {
+    std::printf("%s: image %s, %s ext4\n", info.tag.c_str(), info.id.substr(0, 12).c_str(),
+                human_bytes(info.size).c_str());
+  }
+}
+
 namespace {
 
 struct ImageArgs {
@@ -40,12 +50,7 @@ int run_import(const GlobalOptions& global, const ImageArgs& args) {
     Progress progress("importing " + args.source, global.quiet || args.json);
     info = core::import_image(home, *store, args.source, args.tag, progress.callback());
   }
-  if (args.json) {
-    std::printf("%s\n", info.to_json().dump(2).c_str());
-  } else if (!global.quiet) {
-    std::printf("%s: image %s, %s ext4\n", info.tag.c_str(), info.id.substr(0, 12).c_str(),
-                human_bytes(info.size).c_str());
-  }
+  print_new_image(global, args.json, info);
   return 0;
 }
 

@@ -6,8 +6,13 @@
 #include <CLI/CLI.hpp>
 
 #include "cli/context.h"
+#include "core/images.h"
 
 namespace msb::cli {
+
+// Prints an image just imported or pulled: "TAG: image ID, SIZE ext4", its JSON with --json,
+// nothing with --quiet.
+void print_new_image(const GlobalOptions& global, bool json, const core::ImageInfo& info);
 
 // Registers the commands; the returned function runs the one that was parsed and returns its exit
 // code, or -1 if none of these was.

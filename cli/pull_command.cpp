@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 
+#include "cli/image_commands.h"
 #include "cli/output.h"
 #include "core/home.h"
 #include "core/registry.h"
@@ -27,12 +28,7 @@ int run_pull(const GlobalOptions& global, const PullArgs& args) {
     Progress progress("pulling " + args.reference, global.quiet || args.json);
     info = core::pull_image(home, *store, args.reference, progress.callback());
   }
-  if (args.json) {
-    std::printf("%s\n", info.to_json().dump(2).c_str());
-  } else if (!global.quiet) {
-    std::printf("%s: image %s, %s ext4\n", info.tag.c_str(), info.id.substr(0, 12).c_str(),
-                human_bytes(info.size).c_str());
-  }
+  print_new_image(global, args.json, info);
   return 0;
 }
 

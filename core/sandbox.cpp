@@ -316,22 +316,6 @@ std::string existing_file(std::string_view what, const std::string& path) {
   return fs::absolute(path).lexically_normal().string();
 }
 
-// Environment entries of `base` that `over` does not set, then `over`: the sandbox's own entries
-// win over the image's defaults.
-std::vector<std::string> merge_env(const std::vector<std::string>& base,
-                                   const std::vector<std::string>& over) {
-  std::vector<std::string> merged;
-  for (const auto& entry : base) {
-    std::string key = entry.substr(0, entry.find('='));
-    bool overridden = false;
-    for (const auto& mine : over)
-      overridden = overridden || mine.compare(0, key.size() + 1, key + "=") == 0;
-    if (!overridden) merged.push_back(entry);
-  }
-  merged.insert(merged.end(), over.begin(), over.end());
-  return merged;
-}
-
 // Checks the options and returns the config.json the VMM process reads. A Linux kernel gets
 // msb's initramfs (the agent and its modules) and a root image unless told otherwise.
 nlohmann::json make_config(const Home& home, const CreateOptions& options) {
@@ -457,6 +441,17 @@ unsigned parse_count(std::string_view flag, std::string_view text) {
     throw SandboxError(std::string(flag) + " " + in_quotes(text) + ": not a whole number");
   }
   return value;
+}
+
+std::vector<std::string> merge_env(const std::vector<std::string>& base,
+                                   const std::vector<std::string>& over) {
+  std::vector<std::string> out = base;
+  for (const auto& entry : over) {
+    std::string key = entry.substr(0, entry.find('='));
+    std::erase_if(out, [&](const std::string& e) { return e.substr(0, e.find('=')) == key; });
+    out.push_back(entry);
+  }
+  return out;
 }
 
 void check_env_entry(std::string_view flag, std::string_view entry) {

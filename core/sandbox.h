@@ -73,6 +73,10 @@ struct CreateOptions {
 uint64_t parse_mib(std::string_view flag, std::string_view text);
 // A whole number; throws SandboxError naming `flag` otherwise.
 unsigned parse_count(std::string_view flag, std::string_view text);
+// `base` with each entry of `over` added in place of base's entry of the same key (an image's
+// environment under a sandbox's, a sandbox's under a restore's overrides).
+std::vector<std::string> merge_env(const std::vector<std::string>& base,
+                                   const std::vector<std::string>& over);
 // "K=V" with a non-empty K; throws SandboxError naming `flag` otherwise.
 void check_env_entry(std::string_view flag, std::string_view entry);
 

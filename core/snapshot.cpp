@@ -209,17 +209,6 @@ SnapshotInfo describe(const Store& store, const Hash128& hash, const Manifest& m
   return info;
 }
 
-nlohmann::json merged_env(const std::vector<std::string>& base,
-                          const std::vector<std::string>& overrides) {
-  std::vector<std::string> out = base;
-  for (const auto& entry : overrides) {
-    std::string key = entry.substr(0, entry.find('='));
-    std::erase_if(out, [&](const std::string& e) { return e.substr(0, e.find('=')) == key; });
-    out.push_back(entry);
-  }
-  return out;
-}
-
 }  // namespace
 
 nlohmann::json SnapshotInfo::to_json() const {
@@ -659,7 +648,7 @@ RestoreResult restore_snapshot(const Home& home, const std::string& ref,
                         " MiB is over the snapshot's --max-memory " + std::to_string(max_memory) +
                         " MiB (the ceiling it was created with)");
   }
-  nlohmann::json env = merged_env(source.value("env", std::vector<std::string>{}), options.env);
+  nlohmann::json env = merge_env(source.value("env", std::vector<std::string>{}), options.env);
   size_t env_bytes = sizeof(uint32_t);
   for (const auto& entry : env)
     env_bytes += entry.get<std::string>().size() + 1;
