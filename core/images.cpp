@@ -1399,7 +1399,8 @@ std::string normalize_image_tag(const std::string& reference) {
 }
 
 ImageInfo import_image(const Home& home, Store& store, const fs::path& source,
-                       const std::string& tag_given, const snapstore::ProgressFn& progress) {
+                       const std::string& tag_given, const snapstore::ProgressFn& progress,
+                       const std::string& source_label) {
   const std::string tag = normalize_image_tag(tag_given);
   const std::string where = source.string();
   struct stat st {};
@@ -1423,7 +1424,8 @@ ImageInfo import_image(const Home& home, Store& store, const fs::path& source,
   const std::string id = config_sha.hex();
   const nlohmann::json config_doc = parse_json(config_text, where + ": the image config");
   ImageConfig config = parse_config(config_doc, where);
-  const std::string display = fs::absolute(source).lexically_normal().string();
+  const std::string display =
+      source_label.empty() ? fs::absolute(source).lexically_normal().string() : source_label;
   std::vector<std::string> layer_digests;
 
   if (image.docker_layer_digests) {

@@ -66,10 +66,13 @@ class ImageError : public std::runtime_error {
 // Imports an OCI image layout directory or a `docker save` tarball at `source` (the one image
 // in it, or the one whose ref name matches `tag`'s) as `tag`: layers applied in order with
 // whiteouts, the config kept, written as an ext4 image with mke2fs -d and stored by content.
-// An existing tag is replaced. Progress (bytes) goes to `progress` when set.
+// An existing tag is replaced. Progress (bytes) goes to `progress` when set. The image records
+// `source_label` as where it came from (msb pull: the reference and manifest digest), else the
+// absolute path of `source`.
 ImageInfo import_image(const Home& home, snapstore::Store& store,
                        const std::filesystem::path& source, const std::string& tag,
-                       const snapstore::ProgressFn& progress = {});
+                       const snapstore::ProgressFn& progress = {},
+                       const std::string& source_label = "");
 
 std::vector<ImageInfo> list_images(const snapstore::Store& store);
 

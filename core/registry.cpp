@@ -921,7 +921,8 @@ ImageInfo pull_image(const Home& home, snapstore::Store& store, const std::strin
   write_text_file(dir.path() / "index.json", index.dump());
 
   try {
-    return import_image(home, store, dir.path(), tag, progress);
+    return import_image(home, store, dir.path(), tag, progress,
+                        reference.substr(0, reference.find('@')) + "@" + manifest_digest);
   } catch (const ImageError& e) {
     // The download folder is gone once this returns; the reference is what the user knows.
     std::string message = e.what();

@@ -254,6 +254,9 @@ TEST_CASE("msb pull imports an image from a loopback registry, by tag and by dig
   json by_digest = msb.pull(registry.address() + "/test/busybox@" + digest);
   CHECK(by_digest["tag"] == registry.address() + "/test/busybox:sha256-" + digest.substr(7, 12));
   CHECK(by_digest["id"] == pulled["id"]);
+  // Where each came from: the reference and the manifest it got (not the download folder).
+  CHECK(pulled["source"] == tag + "@" + digest);
+  CHECK(by_digest["source"] == registry.address() + "/test/busybox@" + digest);
 }
 
 TEST_CASE("msb pull reads Docker v2 manifests and picks linux/amd64 from an index", "[pull]") {
