@@ -470,7 +470,9 @@ fs::path source_path(const fs::path& root, const std::string& name, bool contain
 
 // An OCI descriptor ({"mediaType", "digest", "size"}) to the blob in layout `root`.
 Blob oci_blob(const fs::path& root, const nlohmann::json& descriptor, const std::string& what) {
-  if (!descriptor.is_object() || !descriptor["digest"].is_string()) {
+  // (const operator[] of a missing key is undefined: every lookup checks contains() first)
+  if (!descriptor.is_object() || !descriptor.contains("digest") ||
+      !descriptor["digest"].is_string()) {
     throw ImageError(what + ": a descriptor without a digest");
   }
   Blob blob;
@@ -481,7 +483,9 @@ Blob oci_blob(const fs::path& root, const nlohmann::json& descriptor, const std:
   }
   blob.sha256 = blob.digest.substr(7);
   blob.path = root / "blobs" / "sha256" / blob.sha256;
-  if (descriptor["size"].is_number_integer()) blob.size = descriptor["size"].get<int64_t>();
+  if (descriptor.contains("size") && descriptor["size"].is_number_integer()) {
+    blob.size = descriptor["size"].get<int64_t>();
+  }
   return blob;
 }
 
@@ -691,8 +695,10 @@ ImageConfig parse_config(const nlohmann::json& doc, const std::string& where) {
   config.env = string_list(c.value("Env", nlohmann::json()), what + "'s Env");
   config.entrypoint = string_list(c.value("Entrypoint", nlohmann::json()), what + "'s Entrypoint");
   config.cmd = string_list(c.value("Cmd", nlohmann::json()), what + "'s Cmd");
-  if (c["WorkingDir"].is_string()) config.workdir = c["WorkingDir"].get<std::string>();
-  if (c["User"].is_string()) config.user = c["User"].get<std::string>();
+  if (c.contains("WorkingDir") && c["WorkingDir"].is_string()) {
+    config.workdir = c["WorkingDir"].get<std::string>();
+  }
+  if (c.contains("User") && c["User"].is_string()) config.user = c["User"].get<std::string>();
   return config;
 }
 
