@@ -332,30 +332,39 @@ fs::path build_initramfs(const Home& home, const fs::path& agent, const fs::path
   if (!fs::is_regular_file(agent, ec)) {
     throw SandboxError("the guest agent " + agent.string() + " is not a file");
   }
-  if (!fs::is_directory(modules_dir, ec)) {
-    throw SandboxError("kernel modules folder " + modules_dir.string() + " does not exist");
-  }
-  const std::string version = fs::absolute(modules_dir).lexically_normal().filename().string();
-  if (version.empty() || version == "." || version == "..") {
-    throw SandboxError("kernel modules folder " + modules_dir.string() +
-                       " is not named after its kernel version");
+  // A kernel with everything built in has no modules folder: the initramfs is the agent alone.
+  const bool with_modules = !modules_dir.empty();
+  std::string version;
+  if (with_modules) {
+    if (!fs::is_directory(modules_dir, ec)) {
+      throw SandboxError("kernel modules folder " + modules_dir.string() + " does not exist");
+    }
+    version = fs::absolute(modules_dir).lexically_normal().filename().string();
+    if (version.empty() || version == "." || version == "..") {
+      throw SandboxError("kernel modules folder " + modules_dir.string() +
+                         " is not named after its kernel version");
+    }
   }
 
   const std::string agent_bytes = snapstore::read_file(agent);
-  const ModuleSet modules = module_closure(modules_dir);
+  const ModuleSet modules = with_modules ? module_closure(modules_dir) : ModuleSet{};
   std::vector<std::string> module_bytes;
   for (const auto& path : modules.load_order) {
     module_bytes.push_back(snapstore::read_file(modules_dir / path));
   }
 
+  // Without modules the key has two fields, with them at least four (VERSION is never empty),
+  // so the two kinds never share a key.
   std::string key_input;
   add_field(key_input, kFormatVersion);
   add_field(key_input, agent_bytes);
-  add_field(key_input, version);
-  add_field(key_input, modules.modules_dep);
-  for (size_t i = 0; i < module_bytes.size(); ++i) {
-    add_field(key_input, modules.load_order[i]);
-    add_field(key_input, module_bytes[i]);
+  if (with_modules) {
+    add_field(key_input, version);
+    add_field(key_input, modules.modules_dep);
+    for (size_t i = 0; i < module_bytes.size(); ++i) {
+      add_field(key_input, modules.load_order[i]);
+      add_field(key_input, module_bytes[i]);
+    }
   }
   const std::string key = snapstore::hash_bytes(std::as_bytes(std::span(key_input))).hex();
   const fs::path cache_dir = home.root() / "cache" / "initramfs";
@@ -370,12 +379,14 @@ fs::path build_initramfs(const Home& home, const fs::path& agent, const fs::path
   members["dev/console"] =
       Member{.type = AE_IFCHR, .permissions = 0600, .rdev_major = 5, .rdev_minor = 1};
   members["init"] = Member{.type = AE_IFREG, .permissions = 0755, .data = &agent_bytes};
-  const std::string module_root = "lib/modules/" + version;
-  members[module_root + "/modules.dep"] =
-      Member{.type = AE_IFREG, .permissions = 0644, .data = &modules.modules_dep};
-  for (size_t i = 0; i < module_bytes.size(); ++i) {
-    members[module_root + "/" + modules.load_order[i]] =
-        Member{.type = AE_IFREG, .permissions = 0644, .data = &module_bytes[i]};
+  if (with_modules) {
+    const std::string module_root = "lib/modules/" + version;
+    members[module_root + "/modules.dep"] =
+        Member{.type = AE_IFREG, .permissions = 0644, .data = &modules.modules_dep};
+    for (size_t i = 0; i < module_bytes.size(); ++i) {
+      members[module_root + "/" + modules.load_order[i]] =
+          Member{.type = AE_IFREG, .permissions = 0644, .data = &module_bytes[i]};
+    }
   }
   // Every folder above a member, since the kernel's unpacker makes no parents.
   std::vector<std::string> paths;

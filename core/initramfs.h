@@ -1,6 +1,7 @@
 // The initramfs msb boots Linux with: a newc cpio holding the agent (guest/agent) as /init and
-// the kernel modules it loads, with a modules.dep that lists just them. Built by msb itself and
-// cached by content as $MSB_HOME/cache/initramfs/HASH.cpio.
+// the kernel modules it loads, with a modules.dep that lists just them (none for a kernel with
+// everything built in, such as msb's own). Built by msb itself and cached by content as
+// $MSB_HOME/cache/initramfs/HASH.cpio.
 #pragma once
 
 #include <array>
@@ -29,15 +30,17 @@ inline constexpr std::array<const char*, 5> kAgentModules = {
 //   lib/modules/VERSION/kernel/...    the modules, at their paths in the kernel's tree
 // The dependencies come from the kernel's modules.dep where it has one, else from each
 // module's own .modinfo "depends=" (Debian's package ships no modules.dep: depmod writes it
-// on installation).
+// on installation). For a kernel without modules there is no lib/ at all: the agent finds no
+// modules.dep and loads nothing.
 
 // The agent binary: beside msb, or in ../libexec/msb. Throws SandboxError if missing.
 std::filesystem::path agent_binary();
 
 // Returns the cached initramfs for `agent` and the modules of `modules_dir` (a kernel's
-// lib/modules/VERSION), building it if no initramfs of that content exists yet. Its name is the
-// XXH3-128 of the format version, the agent's bytes, VERSION, the trimmed modules.dep and every
-// included module's path and bytes. Throws SandboxError naming a missing agent or module.
+// lib/modules/VERSION, or "" for a kernel without modules: KernelChoice::modules), building it
+// if no initramfs of that content exists yet. Its name is the XXH3-128 of the format version,
+// the agent's bytes and, with modules, VERSION, the trimmed modules.dep and every included
+// module's path and bytes. Throws SandboxError naming a missing agent or module.
 std::filesystem::path build_initramfs(const Home& home, const std::filesystem::path& agent,
                                       const std::filesystem::path& modules_dir);
 

@@ -41,8 +41,14 @@ std::optional<fs::path> kernel_image(const fs::path& dir) {
   return std::nullopt;
 }
 
+bool path_exists(const fs::path& path) {
+  std::error_code ec;
+  return fs::exists(fs::symlink_status(path, ec));
+}
+
 // An installed kernel's folder (`name` is what the user called it, for messages): the image,
-// and the one lib/modules/VERSION folder that the initramfs takes its modules from.
+// and the one lib/modules/VERSION folder that the initramfs takes its modules from. A kernel
+// without lib/modules has everything built in (msb's own): its initramfs holds just the agent.
 KernelChoice installed_kernel(const std::string& name, const fs::path& dir) {
   KernelChoice choice;
   choice.name = name;
@@ -54,6 +60,7 @@ KernelChoice installed_kernel(const std::string& name, const fs::path& dir) {
   }
   choice.image = fs::absolute(*image).lexically_normal();
   const fs::path modules_root = dir / "lib" / "modules";
+  if (!path_exists(modules_root)) return choice;
   std::vector<fs::path> versions;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(modules_root, ec)) {
@@ -125,19 +132,29 @@ std::string default_kernel(const Home& home, std::string* why) {
 }
 
 std::string default_kernel(const Home& home, bool hardware_virtualization, std::string* why) {
-  const fs::path linux_dir = kernels_dir(home) / kLinuxKernel;
+  const fs::path msb_dir = kernels_dir(home) / kMsbKernel;
+  const fs::path debian_dir = kernels_dir(home) / kDebianKernel;
+  std::string choice;
   std::string reason;
-  std::string choice = kTestGuestKernel;
-  if (!kernel_image(linux_dir)) {
-    reason = std::string("no Linux kernel is installed in ") + linux_dir.string() +
-             " (scripts/fetch-linux-kernel installs Debian's)";
-  } else if (!hardware_virtualization) {
-    reason =
-        "this host has no hardware virtualization (no vmx or svm in /proc/cpuinfo), where "
-        "Linux would boot emulated, far too slowly";
+  if (kernel_image(msb_dir)) {
+    choice = kMsbKernel;
+    reason = "msb's own guest kernel, installed in " + msb_dir.string();
+  } else if (kernel_image(debian_dir) && hardware_virtualization) {
+    choice = kDebianKernel;
+    reason = "installed in " + debian_dir.string() +
+             " and the host has hardware virtualization (msb's own kernel is not installed in " +
+             msb_dir.string() + ": scripts/build-guest-kernel builds it)";
+  } else if (kernel_image(debian_dir)) {
+    // Where kernel code is emulated (no vmx or svm), Debian's kernel takes many minutes to boot.
+    choice = kTestGuestKernel;
+    reason = "msb's own kernel is not installed in " + msb_dir.string() +
+             " (scripts/build-guest-kernel builds it), and Debian's in " + debian_dir.string() +
+             " boots in useful time only with hardware virtualization (no vmx or svm in "
+             "/proc/cpuinfo)";
   } else {
-    choice = kLinuxKernel;
-    reason = "installed in " + linux_dir.string() + " and the host has hardware virtualization";
+    choice = kTestGuestKernel;
+    reason = "no Linux kernel installed in " + kernels_dir(home).string() +
+             " (scripts/setup builds msb's with scripts/build-guest-kernel)";
   }
   if (why) *why = choice + ": " + reason;
   return choice;
@@ -153,10 +170,11 @@ KernelChoice resolve_kernel(const Home& home, const std::string& name_or_path) {
     KernelChoice choice;
     choice.name = name_or_path;
     choice.image = fs::absolute(path).lexically_normal();
-    // The vmlinux or vmlinuz of an installed kernel's folder boots as that kernel, with its
-    // modules; any other file boots as it is (with the user's --initrd, if any).
+    // The vmlinux or vmlinuz of an installed kernel's folder (the image with its `config` or
+    // its modules beside it) boots as that kernel, with its modules if any; any other file
+    // boots as it is (with the user's --initrd, if any).
     const fs::path dir = choice.image.parent_path();
-    if (is_dir(dir / "lib" / "modules") && kernel_image(dir)) {
+    if ((is_dir(dir / "lib" / "modules") || is_file(dir / "config")) && kernel_image(dir)) {
       KernelChoice installed = installed_kernel(name_or_path, dir);
       installed.image = choice.image;
       return installed;

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -19,6 +20,7 @@
 #include "core/control_protocol.h"
 #include "core/exec_mux.h"
 #include "core/frames.h"
+#include "guest/agent/memory.h"
 #include "guest/protocol/pattern.h"
 #include "snapstore/file_util.h"
 #include "tests/support.h"
@@ -516,4 +518,65 @@ TEST_CASE("bad requests and a broken guest stream get errors, not a dead mux", "
   REQUIRE(request(h, {{"op", "exec"}, {"argv", {"echo"}}})["error"] ==
           "the guest's agent stream is broken");
   REQUIRE(request(h, {{"op", "status"}})["guest_broken"] == true);
+}
+
+// ---- The Linux agent's kRestore memory decisions (guest/agent/memory.h) ----
+
+TEST_CASE("the agent frees memory on restore only when the balloon must inflate", "[agent]") {
+  // MemTotal over the grant: drop caches and compact so that the balloon can take pages.
+  CHECK(agent::must_free_memory(256, 512 * 1024));
+  CHECK(agent::must_free_memory(256, 256 * 1024 + 1));
+  // Within the grant, or below it (the balloon deflates): the page cache stays warm.
+  CHECK_FALSE(agent::must_free_memory(256, 256 * 1024));
+  CHECK_FALSE(agent::must_free_memory(256, 250 * 1024));
+  CHECK_FALSE(agent::must_free_memory(1024, 512 * 1024));
+}
+
+TEST_CASE("the agent waits for the balloon while it makes progress", "[agent]") {
+  using Verdict = agent::BalloonWait::Verdict;
+  using std::chrono::milliseconds;
+  using std::chrono::seconds;
+  static_assert(agent::BalloonWait::kStall == seconds(10));
+  static_assert(agent::BalloonWait::kCap == seconds(300));
+
+  SECTION("done as soon as MemTotal is within the grant") {
+    agent::BalloonWait wait(256, 512 * 1024);
+    CHECK(wait.next(milliseconds(0), 256 * 1024) == Verdict::kDone);
+    agent::BalloonWait deflate(1024, 512 * 1024);
+    CHECK(deflate.next(milliseconds(0), 512 * 1024) == Verdict::kDone);
+  }
+  SECTION("a slow balloon is waited for as long as it moves, beyond 5 s") {
+    // 512 -> 256 MiB at 4 MiB/s, read every 250 ms: about 64 s.
+    agent::BalloonWait wait(256, 512 * 1024);
+    uint64_t total = 512 * 1024;
+    milliseconds t(0);
+    while (total > 256 * 1024) {
+      CHECK(wait.next(t, total) == Verdict::kWait);
+      t += milliseconds(250);
+      total -= std::min<uint64_t>(total - 256 * 1024, 1024);
+    }
+    CHECK(t > seconds(60));
+    CHECK(wait.next(t, total) == Verdict::kDone);
+  }
+  SECTION("no progress for the stall period gives up") {
+    agent::BalloonWait wait(256, 512 * 1024);
+    CHECK(wait.next(seconds(0), 512 * 1024) == Verdict::kWait);
+    CHECK(wait.next(milliseconds(9999), 512 * 1024) == Verdict::kWait);
+    CHECK(wait.next(seconds(10), 512 * 1024) == Verdict::kStalled);
+
+    // Progress resets the stall clock; going back up is no progress.
+    agent::BalloonWait moving(256, 512 * 1024);
+    CHECK(moving.next(seconds(8), 500 * 1024) == Verdict::kWait);
+    CHECK(moving.next(seconds(17), 510 * 1024) == Verdict::kWait);
+    CHECK(moving.next(seconds(17), 500 * 1024) == Verdict::kWait);
+    CHECK(moving.next(seconds(18), 500 * 1024) == Verdict::kStalled);
+  }
+  SECTION("a balloon that keeps moving stops at the cap") {
+    agent::BalloonWait wait(256, 512 * 1024, seconds(10), seconds(30));
+    uint64_t total = 512 * 1024;
+    for (int s = 0; s < 30; ++s) {
+      CHECK(wait.next(seconds(s), --total) == Verdict::kWait);
+    }
+    CHECK(wait.next(seconds(30), --total) == Verdict::kTimedOut);
+  }
 }

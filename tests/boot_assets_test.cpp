@@ -399,6 +399,48 @@ TEST_CASE("a kernel's own modules.dep decides the modules and is trimmed", "[ini
                     Catch::Contains((modules / "modules.dep").string() + " line 1"));
 }
 
+TEST_CASE("a kernel without modules gets an initramfs with just the agent", "[initramfs]") {
+  TempDir dir;
+  const Home home = Home::resolve(dir / "home");
+  const fs::path agent = write_agent(dir, "agent alone");
+  const fs::path cpio = core::build_initramfs(home, agent, fs::path());
+  CHECK(cpio.parent_path() == home.root() / "cache" / "initramfs");
+  CHECK(std::regex_match(cpio.filename().string(), std::regex("[0-9a-f]{32}\\.cpio")));
+
+  std::vector<std::string> order;
+  const auto members = read_cpio(cpio, &order);
+  // The agent, the console and the mount points the agent uses: no lib/, no modules.dep.
+  CHECK(order == std::vector<std::string>{"dev", "dev/console", "init", "newroot", "proc", "run",
+                                          "sys", "tmp"});
+  for (const auto& [path, member] : members) {
+    INFO(path);
+    CHECK(member.uid == 0);
+    CHECK(member.gid == 0);
+    CHECK(member.mtime == 0);
+  }
+  CHECK(members.at("init").type == AE_IFREG);
+  CHECK(members.at("init").permissions == 0755);
+  CHECK(members.at("init").data == "agent alone");
+  const Member& console = members.at("dev/console");
+  CHECK(console.type == AE_IFCHR);
+  CHECK(console.permissions == 0600);
+  CHECK(console.rdev_major == 5);
+  CHECK(console.rdev_minor == 1);
+  CHECK(members.at("tmp").permissions == 01777);
+
+  // Cached by content: the same agent reuses it; another agent, or the same agent with modules,
+  // is another initramfs.
+  CHECK(core::build_initramfs(home, agent, "") == cpio);
+  const fs::path other = core::build_initramfs(home, write_agent(dir, "agent v2"), "");
+  CHECK(other != cpio);
+  CHECK(read_cpio(other).at("init").data == "agent v2");
+  write_agent(dir, "agent alone");
+  const fs::path with_modules =
+      core::build_initramfs(home, agent, fake_modules(dir / "kernel", kFakeTree));
+  CHECK(with_modules != cpio);
+  CHECK(read_cpio(with_modules).count("lib/modules/9.9.9-test/modules.dep"));
+}
+
 // ---- Kernels ----
 
 // A kernel installed the way scripts/fetch-linux-kernel lays one out.
@@ -406,6 +448,17 @@ fs::path install_fake_kernel(const Home& home, const std::string& name,
                              const std::vector<std::string>& files) {
   const fs::path dir = home.root() / "kernels" / name;
   fs::create_directories(dir / "lib" / "modules" / "6.1.0-test");
+  for (const auto& file : files)
+    write_text(dir / file, file);
+  return dir;
+}
+
+// A kernel installed the way scripts/build-guest-kernel lays msb's out: everything built in, no
+// lib/modules.
+fs::path install_builtin_kernel(const Home& home, const std::string& name,
+                                const std::vector<std::string>& files) {
+  const fs::path dir = home.root() / "kernels" / name;
+  fs::create_directories(dir);
   for (const auto& file : files)
     write_text(dir / file, file);
   return dir;
@@ -430,7 +483,9 @@ TEST_CASE("an installed kernel resolves by name to its image and modules", "[ker
   CHECK_THROWS_WITH(
       core::resolve_kernel(home, "mine"),
       Catch::Contains("kernel \"mine\"") && Catch::Contains("6.1.0-test, 6.2.0-test"));
-  fs::remove_all(kernel / "lib");
+  // Where lib/modules exists it must hold one version: none is an error too.
+  fs::remove_all(kernel / "lib" / "modules" / "6.1.0-test");
+  fs::remove_all(kernel / "lib" / "modules" / "6.2.0-test");
   CHECK_THROWS_WITH(
       core::resolve_kernel(home, "mine"),
       Catch::Contains("kernel \"mine\": no modules in " + (kernel / "lib" / "modules").string()));
@@ -438,6 +493,31 @@ TEST_CASE("an installed kernel resolves by name to its image and modules", "[ker
   CHECK_THROWS_WITH(core::resolve_kernel(home, "empty"),
                     Catch::Matches("kernel \"empty\": .*/kernels/empty has neither vmlinux nor "
                                    "vmlinuz"));
+}
+
+TEST_CASE("a kernel with everything built in resolves without modules", "[kernels]") {
+  TempDir dir;
+  const Home home = Home::resolve(dir / "home");
+  const fs::path kernel = install_builtin_kernel(home, "msb", {"vmlinux", "config", "build-key"});
+  for (const std::string& name : {std::string("msb"), kernel.string()}) {
+    INFO(name);
+    KernelChoice choice = core::resolve_kernel(home, name);
+    CHECK(choice.name == name);
+    CHECK(choice.image == kernel / "vmlinux");
+    CHECK(choice.modules.empty());
+    CHECK(choice.linux_guest);
+  }
+  // Its vmlinux named as a file boots as that kernel: its config beside it marks the folder.
+  KernelChoice file = core::resolve_kernel(home, (kernel / "vmlinux").string());
+  CHECK(file.image == kernel / "vmlinux");
+  CHECK(file.modules.empty());
+  CHECK(file.linux_guest);
+  CHECK(core::installed_kernels(home) == std::vector<std::string>{"msb"});
+
+  // A vmlinux alone in a folder is a bare kernel file.
+  fs::create_directories(dir / "bare");
+  write_text(dir / "bare" / "vmlinux", "elf");
+  CHECK_FALSE(core::resolve_kernel(home, (dir / "bare" / "vmlinux").string()).linux_guest);
 }
 
 TEST_CASE("an unknown kernel name is an error listing the installed ones", "[kernels]") {
@@ -496,26 +576,63 @@ TEST_CASE("Debian's installed kernel resolves to its vmlinux and modules", "[ker
   CHECK(choice.linux_guest);
 }
 
-TEST_CASE("the default kernel is Linux only where it is installed and runs natively", "[kernels]") {
+TEST_CASE("the default kernel is msb's wherever installed and Debian's only with VMX/SVM",
+          "[kernels]") {
+  for (const bool msb : {false, true}) {
+    for (const bool debian : {false, true}) {
+      for (const bool hardware : {false, true}) {
+        INFO("msb " << msb << ", debian-cloud " << debian << ", hardware virtualization "
+                    << hardware);
+        TempDir dir;
+        const Home home = Home::resolve(dir / "home");
+        const fs::path kernels = home.root() / "kernels";
+        if (msb) install_builtin_kernel(home, "msb", {"vmlinux", "config", "build-key"});
+        if (debian) install_fake_kernel(home, "debian-cloud", {"vmlinuz", "vmlinux", "config"});
+        std::string why;
+        const std::string choice = core::default_kernel(home, hardware, &why);
+        CHECK(core::default_kernel(home, hardware, nullptr) == choice);
+        if (msb) {
+          CHECK(choice == "msb");
+          CHECK(why == "msb: msb's own guest kernel, installed in " + (kernels / "msb").string());
+        } else if (debian && hardware) {
+          CHECK(choice == "debian-cloud");
+          CHECK(why == "debian-cloud: installed in " + (kernels / "debian-cloud").string() +
+                           " and the host has hardware virtualization (msb's own kernel is not "
+                           "installed in " +
+                           (kernels / "msb").string() + ": scripts/build-guest-kernel builds it)");
+        } else if (debian) {
+          CHECK(choice == "testguest");
+          CHECK(why == "testguest: msb's own kernel is not installed in " +
+                           (kernels / "msb").string() +
+                           " (scripts/build-guest-kernel builds it), and Debian's in " +
+                           (kernels / "debian-cloud").string() +
+                           " boots in useful time only with hardware virtualization (no vmx or "
+                           "svm in /proc/cpuinfo)");
+        } else {
+          CHECK(choice == "testguest");
+          CHECK(why == "testguest: no Linux kernel installed in " + kernels.string() +
+                           " (scripts/setup builds msb's with scripts/build-guest-kernel)");
+        }
+        // Never the old claim that Linux cannot boot here.
+        CHECK_THAT(why, !Catch::Contains("far too slowly"));
+      }
+    }
+  }
+
+  // A folder that is not a whole kernel yet (the build script's work) does not count.
   TempDir dir;
   const Home home = Home::resolve(dir / "home");
-  std::string why;
-  CHECK(core::default_kernel(home, true, &why) == "testguest");
-  CHECK(why == "testguest: no Linux kernel is installed in " +
-                   (home.root() / "kernels" / "debian-cloud").string() +
-                   " (scripts/fetch-linux-kernel installs Debian's)");
-  install_fake_kernel(home, "debian-cloud", {"vmlinuz"});
-  CHECK(core::default_kernel(home, false, &why) == "testguest");
-  CHECK_THAT(why, Catch::StartsWith("testguest: this host has no hardware virtualization"));
-  CHECK(core::default_kernel(home, true, &why) == "debian-cloud");
-  CHECK_THAT(why, Catch::StartsWith("debian-cloud: installed in "));
-  CHECK(core::default_kernel(home, true, nullptr) == "debian-cloud");
+  install_builtin_kernel(home, "msb", {"config"});
+  CHECK(core::default_kernel(home, true, nullptr) == "testguest");
 
   // The host's own answer: vmx or svm among /proc/cpuinfo's flags.
   const bool flags = std::regex_search(read_text("/proc/cpuinfo"),
                                        std::regex("\nflags\\s*:[^\n]*\\b(vmx|svm)\\b"));
   CHECK(core::host_has_hardware_virtualization() == flags);
+  install_fake_kernel(home, "debian-cloud", {"vmlinuz"});
   CHECK(core::default_kernel(home) == (flags ? "debian-cloud" : "testguest"));
+  write_text(home.root() / "kernels" / "msb" / "vmlinux", "elf");
+  CHECK(core::default_kernel(home) == "msb");
 }
 
 // Run in a copy of this binary (see below): prints what resolve_kernel("testguest") and

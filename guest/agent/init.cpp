@@ -66,6 +66,8 @@ void mount_late() {
   mount_or_log("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
 }
 
+// A kernel with everything built in (msb's own) comes with an initramfs without lib/modules:
+// no modules.dep (or an empty one) means nothing to load, and nothing to log.
 void load_modules() {
   utsname uts{};
   ::uname(&uts);

@@ -22,7 +22,8 @@ struct BootOptions {
 BootOptions parse_cmdline(const std::string& cmdline);
 
 // Everything PID 1 does before it serves the host: mounts proc, sys, dev, devpts; loads the
-// modules listed in /lib/modules/$(uname -r)/modules.dep; mounts the root disk and switches into
+// modules listed in /lib/modules/$(uname -r)/modules.dep (none where there is no such file, as
+// for a kernel with everything built in); mounts the root disk and switches into
 // it (or stays on the initramfs without one); mounts /run and /tmp; sets the hostname; brings up
 // the loopback interface. Failures are logged, never fatal. Returns the command line's options.
 BootOptions init_system();

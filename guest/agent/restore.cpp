@@ -10,11 +10,13 @@
 #include <cerrno>
 #include <charconv>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <sstream>
 #include <thread>
 
 #include "guest/agent/log.h"
+#include "guest/agent/memory.h"
 #include "guest/agent/util.h"
 
 namespace msb::agent {
@@ -95,24 +97,68 @@ uint64_t mem_total_kib() {
   return 0;
 }
 
-// Frees what the guest can give back, then waits for the balloon (driven by the host, which set
-// its target before kRestore) to bring MemTotal within `memory_mib`. Returns MemTotal in KiB.
-uint64_t fit_memory(uint64_t memory_mib) {
+struct MemoryResult {
+  uint64_t total_kib = 0;  // MemTotal at the end
+  std::string summary;     // for the restore's log line
+};
+
+std::string seconds_text(std::chrono::milliseconds ms) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f s", ms.count() / 1000.0);
+  return text;
+}
+
+// Where the grant is below MemTotal, frees what the guest can give back, then waits for the
+// balloon (driven by the host, which set its target before kRestore) to bring MemTotal within
+// `memory_mib`, as long as it makes progress (memory.h). A grant at or above MemTotal (the
+// balloon deflates, or stays) needs neither: the page cache stays warm for the guest's next
+// commands.
+MemoryResult fit_memory(uint64_t memory_mib) {
+  using std::chrono::milliseconds;
+  MemoryResult result;
+  result.total_kib = mem_total_kib();
+  if (result.total_kib == 0) {
+    log_line("restore: cannot read MemTotal from /proc/meminfo");
+    return result;
+  }
+  if (!must_free_memory(memory_mib, result.total_kib)) return result;
+
+  const auto start = std::chrono::steady_clock::now();
   ::sync();
   if (!write_file("/proc/sys/vm/drop_caches", "3")) log_errno("cannot drop caches");
   if (!write_file("/proc/sys/vm/compact_memory", "1")) log_errno("cannot compact memory");
-  const uint64_t limit_kib = memory_mib * 1024;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  uint64_t total = mem_total_kib();
-  while (total > limit_kib && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    total = mem_total_kib();
+  // The wait's clock starts once the guest has freed what it can (which can take seconds where
+  // kernel code is emulated), so that freeing is never taken for a stalled balloon.
+  const auto freed = std::chrono::steady_clock::now();
+  BalloonWait wait(memory_mib, result.total_kib);
+  // Short sleeps first (on hardware the balloon inflates in milliseconds), longer ones later:
+  // each read of /proc/meminfo is kernel work, which is slow where it is emulated.
+  milliseconds pause(10);
+  for (;;) {
+    result.total_kib = mem_total_kib();
+    const auto now = std::chrono::steady_clock::now();
+    const BalloonWait::Verdict verdict =
+        wait.next(std::chrono::duration_cast<milliseconds>(now - freed), result.total_kib);
+    const auto elapsed = std::chrono::duration_cast<milliseconds>(now - start);
+    if (verdict == BalloonWait::Verdict::kWait) {
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, milliseconds(250));
+      continue;
+    }
+    if (verdict == BalloonWait::Verdict::kDone) {
+      result.summary = "caches dropped, within the grant after " + seconds_text(elapsed);
+    } else {
+      const std::string why =
+          verdict == BalloonWait::Verdict::kStalled
+              ? "the balloon made no progress for " + seconds_text(BalloonWait::kStall) +
+                    " (is its target set?)"
+              : "the balloon was still inflating after " + seconds_text(BalloonWait::kCap);
+      log_line("restore: MemTotal is " + std::to_string(result.total_kib / 1024) +
+               " MiB, over the " + std::to_string(memory_mib) + " MiB granted: " + why);
+      result.summary = "over the grant after " + seconds_text(elapsed);
+    }
+    return result;
   }
-  if (total > limit_kib) {
-    log_line("restore: MemTotal is " + std::to_string(total / 1024) + " MiB after 5 s, over the " +
-             std::to_string(memory_mib) + " MiB granted (is the balloon's target set?)");
-  }
-  return total;
 }
 
 }  // namespace
@@ -164,9 +210,10 @@ void apply_restore(const RestoreRequest& request) {
   if (!request.name.empty() && ::sethostname(request.name.data(), request.name.size()) != 0)
     log_errno("cannot set the hostname");
   unsigned online = set_cpus(p.cpus);
-  uint64_t total = fit_memory(p.memory_mib);
+  const MemoryResult memory = fit_memory(p.memory_mib);
   log_line("restored as " + request.name + ": " + entropy + ", " + std::to_string(online) +
-           " CPUs online, MemTotal " + std::to_string(total / 1024) + " MiB");
+           " CPUs online, MemTotal " + std::to_string(memory.total_kib / 1024) + " MiB" +
+           (memory.summary.empty() ? "" : " (" + memory.summary + ")"));
 }
 
 }  // namespace msb::agent

@@ -20,8 +20,9 @@ struct RestoreRequest {
 std::optional<RestoreRequest> decode_restore(std::string_view payload);
 
 // Reseeds the kernel's random pool, sets the clock and the hostname, brings exactly `cpus` CPUs
-// online, drops caches and compacts memory, then waits (up to 5 s) for the balloon to bring
-// MemTotal within the grant. Failures are logged; one line sums up what was done.
+// online and, where the grant is below MemTotal, drops caches, compacts memory and waits for the
+// balloon to bring MemTotal within the grant while it makes progress (memory.h). Failures are
+// logged; one line sums up what was done.
 void apply_restore(const RestoreRequest& request);
 
 // The CPUs a sysfs list names ("0-3,5").
