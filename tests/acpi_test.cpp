@@ -1,9 +1,10 @@
 // Unit tier: ACPI tables (vmm/acpi.h), checked by disassembling them with ACPICA's iasl, an
-// implementation independent of ours.
+// implementation independent of ours, and by running ACPICA's power-off over them (acpiexec).
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <regex>
@@ -14,6 +15,8 @@
 
 #include "tests/support.h"
 #include "vmm/acpi.h"
+#include "vmm/devices/acpi_sleep.h"
+#include "vmm/io_bus.h"
 
 namespace acpi = msb::vmm::acpi;
 using msb::vmm::GuestMemory;
@@ -59,6 +62,16 @@ std::string disassemble(const msb::test::TempDir& dir, const std::string& name,
   return msb::test::read_text(output);
 }
 
+// Compiles dir/name.dsl (what disassemble() left) back with iasl, which checks it, predefined
+// names such as _S5 included, and returns iasl's report.
+std::string recompile(const msb::test::TempDir& dir, const std::string& name) {
+  msb::test::ProcessResult result =
+      msb::test::run_process({MSB_IASL, (dir / (name + ".dsl")).string()});
+  INFO(result.out << result.err);
+  CHECK(result.exit_code == 0);
+  return result.out + result.err;
+}
+
 // The "[offset] Name : value" lines of a disassembled data table, in order.
 using Fields = std::vector<std::pair<std::string, std::string>>;
 
@@ -87,6 +100,30 @@ std::vector<std::string> values(const Fields& all, const std::string& name) {
     if (n == name) out.push_back(value);
   }
   return out;
+}
+
+// The five fields of the Generic Address Structure `name`: space id, bit width, bit offset, access
+// width, address; empty if there is no such field.
+std::vector<std::string> gas(const Fields& all, const std::string& name) {
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i].first != name) continue;
+    REQUIRE(all[i].second == "[Generic Address Structure]");
+    REQUIRE(i + 5 < all.size());
+    std::vector<std::string> out;
+    for (size_t j = i + 1; j <= i + 5; ++j)
+      out.push_back(all[j].second);
+    return out;
+  }
+  return {};
+}
+
+// How many braces are open at `position` of disassembled ASL: 1 is the DefinitionBlock's own, the
+// root scope. (iasl's comments and strings in our tables hold no braces.)
+int brace_depth(const std::string& dsl, size_t position) {
+  int depth = 0;
+  for (size_t i = 0; i < position; ++i)
+    depth += dsl[i] == '{' ? 1 : dsl[i] == '}' ? -1 : 0;
+  return depth;
 }
 
 std::string hex(uint64_t value, int digits) {
@@ -352,7 +389,11 @@ TEST_CASE("acpi DSDT with many devices needs a multi-byte PkgLength", "[acpi]") 
   REQUIRE(dsdt[36] == 0x10);
   REQUIRE(dsdt.size() > 300);
   CHECK(dsdt[37] >> 6 == 1);
-  CHECK(size_t((dsdt[37] & 0xf) | dsdt[38] << 4) == dsdt.size() - 37);
+  // It ends where the table's last object, Name (_S5_, ...), begins (NameOp 0x08).
+  const std::string text(dsdt.begin(), dsdt.end());
+  const size_t s5 = text.rfind("\x08_S5_\x12");
+  REQUIRE(s5 != std::string::npos);
+  CHECK(size_t((dsdt[37] & 0xf) | dsdt[38] << 4) == s5 - 37);
 
   // iasl finding every device, the last one included, shows the lengths are right.
   std::vector<DsdtDevice> devices = dsdt_devices(tables.dsdt);
@@ -360,6 +401,104 @@ TEST_CASE("acpi DSDT with many devices needs a multi-byte PkgLength", "[acpi]") 
   CHECK(devices.back().name == "V012");
   CHECK(tables.dsdt.find("PNP0501") == std::string::npos);
   CHECK(local_apics(fields(tables.madt)).size() == 254);
+}
+
+TEST_CASE("acpi tables offer power-off through the hardware-reduced sleep registers", "[acpi]") {
+  bool serial = GENERATE(true, false);
+  Guest guest;
+  msb::test::TempDir dir;
+  acpi::Config config;
+  config.serial = serial;
+  config.virtio = virtio_devices(2);
+  Disassembled tables = build(guest, dir, config);
+  INFO(tables.fadt << tables.dsdt);
+
+  // Linux registers ACPI power-off on a hardware-reduced machine only when both registers are
+  // there (acpi_sleep_state_supported) and \_S5_ evaluates to a package of integers.
+  Fields fadt = fields(tables.fadt);
+  CHECK(field(fadt, "Flags (decoded below)") == "00100000");  // still HW_REDUCED_ACPI alone
+  CHECK(gas(fadt, "Sleep Control Register") ==
+        std::vector<std::string>{"01 [SystemIO]", "08", "00", "01 [Byte Access:8]",
+                                 hex(acpi::kSleepControlPort, 16)});
+  CHECK(gas(fadt, "Sleep Status Register") ==
+        std::vector<std::string>{"01 [SystemIO]", "08", "00", "01 [Byte Access:8]",
+                                 hex(acpi::kSleepStatusPort, 16)});
+  CHECK(acpi::kSleepControlPort == 0x600);
+  CHECK(acpi::kSleepStatusPort == 0x601);
+  // The fixed-hardware blocks stay absent.
+  CHECK(gas(fadt, "PM1A Event Block") == std::vector<std::string>{"00 [SystemMemory]", "00", "00",
+                                                                  "00 [Undefined/Legacy]",
+                                                                  hex(0, 16)});
+
+  const std::string type = "0x" + hex(acpi::kS5SleepType, 2);
+  std::smatch match;
+  REQUIRE(std::regex_search(tables.dsdt, match,
+                            std::regex(R"(Name \(_S5, Package \(0x04\)[^\n]*\s+\{\s+)" + type +
+                                       R"(,\s+)" + type + R"(,\s+Zero,\s+Zero\s+\}\))")));
+  CHECK(brace_depth(tables.dsdt, match.position(0)) == 1);  // \_S5_, not inside \_SB
+  CHECK(acpi::kS5SleepType == 5);
+  // The devices are all still there, _S5 being no device.
+  std::vector<DsdtDevice> devices = dsdt_devices(tables.dsdt);
+  REQUIRE(devices.size() == 2 + (serial ? 1 : 0));
+  if (serial) check_serial(devices[0]);
+  check_virtio({devices.end() - 2, devices.end()}, config.virtio);
+
+  // iasl compiles both back without a complaint, which checks _S5's type as a predefined name.
+  for (const char* table : {"FACP", "DSDT"}) {
+    INFO(table);
+    const std::string report = recompile(dir, table);
+    INFO(report);
+    CHECK(report.find("Compilation successful. 0 Errors, 0 Warnings") != std::string::npos);
+  }
+}
+
+TEST_CASE("acpi ACPICA's own S5 code powers the sleep device off", "[acpi]") {
+  // acpiexec (acpica-tools, beside iasl) runs ACPICA, the ACPI core Linux is built on, over our
+  // FADT and DSDT: its "sleep 5" evaluates \_S5_ and runs AcpiEnterSleepState(5), which on a
+  // hardware-reduced FADT is acpi_hw_extended_sleep, as in Linux's acpi_power_off. Its port
+  // writes (simulated, and logged at debug level ACPI_LV_IO) are replayed onto the device.
+  Guest guest;
+  msb::test::TempDir dir;
+  acpi::Config config;
+  config.virtio = virtio_devices(1);
+  build(guest, dir, config);
+  const std::string acpiexec =
+      (std::filesystem::path(MSB_IASL).parent_path() / "acpiexec").string();
+  INFO("acpiexec comes from acpica-tools, with iasl");
+  REQUIRE(std::filesystem::exists(acpiexec));
+  msb::test::ProcessResult result =
+      msb::test::run_process({"/usr/bin/timeout", "60", acpiexec, "-x", "0x04000000", "-b",
+                              "sleep 5", (dir / "FACP.dat").string(), (dir / "DSDT.dat").string()});
+  INFO(result.out << result.err);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.out.find("Sleep-A: 05") != std::string::npos);
+  const size_t from = result.out.find("Going to sleep (S5)");
+  const size_t to = result.out.find("Prepare to return from sleep (S5)");
+  REQUIRE(from != std::string::npos);
+  REQUIRE(to != std::string::npos);
+  REQUIRE(from < to);
+  const std::string sleeping = result.out.substr(from, to - from);
+
+  int power_offs = 0;
+  msb::vmm::AcpiSleep sleep([&] { ++power_offs; });
+  msb::vmm::IoBus ports;
+  ports.add(msb::vmm::kAcpiSleepBase, msb::vmm::kAcpiSleepPorts, &sleep, "ACPI sleep registers");
+  static const std::regex write(
+      R"(Wrote: ([0-9A-F]{16}) width +([0-9]+) +to ([0-9A-F]{16}) \(SystemIO\))");
+  std::vector<std::string> writes;
+  for (std::sregex_iterator it(sleeping.begin(), sleeping.end(), write), end; it != end; ++it) {
+    const auto& match = *it;
+    writes.push_back(match[1].str().substr(14) + " to " + match[3].str().substr(12) + " width " +
+                     match[2].str());
+    REQUIRE(match[2] == "8");
+    const std::byte value{static_cast<uint8_t>(std::stoul(match[1], nullptr, 16))};
+    INFO("writes so far: " << writes.size());
+    CHECK(power_offs == 0);
+    CHECK(ports.write(std::stoul(match[3], nullptr, 16), std::span(&value, 1)));
+  }
+  // Clear WAK_STS, then SLP_TYP 5 with SLP_EN; the device powers off on the second.
+  CHECK(writes == std::vector<std::string>{"80 to 0601 width 8", "34 to 0600 width 8"});
+  CHECK(power_offs == 1);
 }
 
 TEST_CASE("acpi iasl notices a wrong checksum", "[acpi]") {

@@ -16,6 +16,7 @@
 #include "snapstore/file_util.h"
 #include "tests/support.h"
 #include "tests/virtio_test_driver.h"
+#include "vmm/devices/acpi_sleep.h"
 #include "vmm/devices/i8042.h"
 #include "vmm/devices/serial.h"
 #include "vmm/disk_overlay.h"
@@ -264,6 +265,61 @@ TEST_CASE("i8042 answers the probe and reports reset", "[devices]") {
   CHECK(resets == 0);
   port_write(controller, 4, 0xfe);
   CHECK(resets == 1);
+}
+
+TEST_CASE("acpi sleep registers power off on S5 with SLP_EN only", "[devices]") {
+  int power_offs = 0;
+  AcpiSleep sleep([&] { ++power_offs; });
+  // What Linux's acpi_hw_extended_sleep writes for the DSDT's \_S5_ (SLP_TYP 5).
+  constexpr uint8_t kLinuxS5 = (5 << 2 & 0x1c) | 0x20;
+  CHECK(AcpiSleep::kPowerOff == kLinuxS5);
+  CHECK(kAcpiSleepBase == 0x600);
+
+  // Both registers read as zero: SLP_EN is write-only and WAK_STS is never set.
+  CHECK(port_read(sleep, 0) == 0);
+  CHECK(port_read(sleep, 1) == 0);
+  std::byte wide[2]{std::byte{0xee}, std::byte{0xee}};
+  sleep.read(0, wide);
+  CHECK((wide[0] == std::byte{0} && wide[1] == std::byte{0}));
+
+  // Linux clears WAK_STS first: nothing happens, and the status still reads zero.
+  port_write(sleep, 1, AcpiSleep::kWakeStatus);
+  CHECK(port_read(sleep, 1) == 0);
+  // Every other sleep type, with or without SLP_EN, is ignored; so is S5 without SLP_EN.
+  for (uint8_t type = 0; type < 8; ++type) {
+    INFO("SLP_TYP " << int(type));
+    if (type != 5) port_write(sleep, 0, uint8_t(type << 2 | 0x20));
+    port_write(sleep, 0, uint8_t(type << 2));
+  }
+  port_write(sleep, 0, 0x20);  // SLP_EN alone is SLP_TYP 0
+  port_write(sleep, 0, 0xff & ~0x20);
+  // The power-off value anywhere but a one-byte write to the control register is ignored.
+  port_write(sleep, 1, kLinuxS5);
+  const std::byte word[2]{std::byte{kLinuxS5}, std::byte{0}};
+  sleep.write(0, word);
+  const std::byte dword[4]{std::byte{kLinuxS5}, std::byte{0}, std::byte{0}, std::byte{0}};
+  sleep.write(0, dword);
+  sleep.write(0, std::span<const std::byte>());
+  CHECK(power_offs == 0);
+
+  port_write(sleep, 0, kLinuxS5);
+  CHECK(power_offs == 1);
+  // The reserved bits (7:6, 1:0) do not matter.
+  port_write(sleep, 0, kLinuxS5 | 0xc3);
+  CHECK(power_offs == 2);
+
+  // On the port bus where the machine puts it, at the ports the FADT names.
+  IoBus bus;
+  bus.add(kAcpiSleepBase, kAcpiSleepPorts, &sleep, "ACPI sleep registers");
+  std::byte value{0xee};
+  REQUIRE(bus.read(0x601, std::span(&value, 1)));
+  CHECK(value == std::byte{0});
+  const std::byte s5{kLinuxS5};
+  REQUIRE(bus.write(0x601, std::span(&s5, 1)));
+  CHECK(power_offs == 2);
+  REQUIRE(bus.write(0x600, std::span(&s5, 1)));
+  CHECK(power_offs == 3);
+  CHECK_FALSE(bus.write(0x602, std::span(&s5, 1)));
 }
 
 TEST_CASE_METHOD(FakeVirtioHost, "virtio-mmio identifies itself and negotiates features",

@@ -1,5 +1,6 @@
 // The machine on real KVM (vmm tier): tiny hand-assembled kernels prove the boot path, the serial
-// log, the i8042 power-off and the stop reasons; the test guest proves the virtio console path.
+// log, the i8042 and ACPI power-offs and the stop reasons; the test guest proves the virtio console
+// path.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -72,6 +73,28 @@ TEST_CASE("a guest writes to the serial port and powers off through the i8042", 
   INFO(booted.exit.detail);
   REQUIRE(booted.exit.reason == MachineExit::Reason::kPoweredOff);
   REQUIRE(booted.console == "hello\n");
+}
+
+TEST_CASE("a guest powers off through the ACPI sleep control register", "[machine][kvm]") {
+  test::skip_without_kvm();
+  std::vector<uint8_t> code;
+  // What the machine ignores: clearing WAK_STS, S5 without SLP_EN, S3 with it, S5 at the status
+  // port. A power-off there would leave "ok" unwritten.
+  out_byte(code, 0x601, 0x80);
+  out_byte(code, 0x600, 5 << 2);
+  out_byte(code, 0x600, 3 << 2 | 0x20);
+  out_byte(code, 0x601, 5 << 2 | 0x20);
+  for (char c : std::string("ok\n"))
+    out_byte(code, 0x3f8, uint8_t(c));
+  out_byte(code, 0x600, 5 << 2 | 0x20);  // SLP_TYP 5 (the DSDT's \_S5_) with SLP_EN
+  for (char c : std::string("on\n"))
+    out_byte(code, 0x3f8, uint8_t(c));
+  code.insert(code.end(), {0xf4, 0xeb, 0xfd});  // hlt; jmp back: never reached
+  auto booted = boot(test::tiny_kernel(code));
+  INFO(booted.exit.detail);
+  REQUIRE(booted.exit.reason == MachineExit::Reason::kPoweredOff);
+  REQUIRE(booted.exit.detail.find("ACPI S5") != std::string::npos);
+  REQUIRE(booted.console == "ok\n");
 }
 
 TEST_CASE("a guest that faults with no IDT stops the machine as a triple fault", "[machine][kvm]") {

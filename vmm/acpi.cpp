@@ -82,8 +82,8 @@ Bytes finish(Bytes table) {
 
 constexpr uint8_t kZeroOp = 0x00, kOneOp = 0x01, kNameOp = 0x08, kBytePrefix = 0x0a,
                   kWordPrefix = 0x0b, kDWordPrefix = 0x0c, kStringPrefix = 0x0d,
-                  kQWordPrefix = 0x0e, kScopeOp = 0x10, kBufferOp = 0x11, kExtOpPrefix = 0x5b,
-                  kDeviceOp = 0x82, kRootChar = 0x5c;
+                  kQWordPrefix = 0x0e, kScopeOp = 0x10, kBufferOp = 0x11, kPackageOp = 0x12,
+                  kExtOpPrefix = 0x5b, kDeviceOp = 0x82, kRootChar = 0x5c;
 
 // A NameSeg is exactly four characters from [A-Z0-9_], not starting with a digit.
 void put_name_seg(Bytes& out, std::string_view seg) {
@@ -229,6 +229,18 @@ Bytes build_dsdt(const Config& config) {
   append(scope_body, devices);
   Bytes table = sdt_header("DSDT", 2);  // revision 2: 64-bit AML integers
   put_package(table, {kScopeOp}, scope_body);
+  // Name (_S5, Package (4) {SLP_TYPa, SLP_TYPb, reserved, reserved}) at the root, where Linux
+  // looks for \_S5_: its presence (with the FADT's sleep registers) is what makes Linux register
+  // ACPI power-off. Hardware-reduced ACPI uses SLP_TYPa only; b repeats it as firmware does.
+  Bytes s5;
+  put8(s5, 4);                    // NumElements
+  put_integer(s5, kS5SleepType);  // SLP_TYPa
+  put_integer(s5, kS5SleepType);  // SLP_TYPb
+  put_integer(s5, 0);             // reserved
+  put_integer(s5, 0);             // reserved
+  Bytes s5_package;
+  put_package(s5_package, {kPackageOp}, s5);
+  put_name(table, "_S5_", s5_package);
   return finish(table);
 }
 
@@ -236,6 +248,15 @@ Bytes build_dsdt(const Config& config) {
 void put_null_gas(Bytes& out) {
   for (int i = 0; i < 12; ++i)
     put8(out, 0);
+}
+
+// A one-byte register in system I/O space (ACPI 6.5 section 5.2.3.2).
+void put_io_byte_gas(Bytes& out, uint16_t port) {
+  put8(out, 1);  // address space: system I/O
+  put8(out, 8);  // register bit width
+  put8(out, 0);  // bit offset
+  put8(out, 1);  // access size: byte
+  put64(out, port);
 }
 
 constexpr size_t kFadtDsdtOffset = 40, kFadtXDsdtOffset = 140;
@@ -263,9 +284,12 @@ Bytes build_fadt() {
   put8(t, 5);       // FADT minor version: ACPI 6.5
   put64(t, 0);      // X_FIRMWARE_CTRL
   put64(t, 0);      // X_DSDT, set by write_tables(), which knows where the DSDT goes
-  // X_PM1a_EVT_BLK .. X_GPE1_BLK, SLEEP_CONTROL_REG, SLEEP_STATUS_REG.
-  for (int i = 0; i < 10; ++i)
+  // X_PM1a_EVT_BLK .. X_GPE1_BLK: the fixed hardware, none present.
+  for (int i = 0; i < 8; ++i)
     put_null_gas(t);
+  // The hardware-reduced sleep registers, without which Linux offers no ACPI power-off.
+  put_io_byte_gas(t, kSleepControlPort);
+  put_io_byte_gas(t, kSleepStatusPort);
   put64(t, 0);  // hypervisor vendor identity
   if (t.size() != 276) throw std::logic_error("FADT layout");
   return t;  // write_tables() fills in the DSDT addresses, then finishes it

@@ -50,6 +50,14 @@ inline constexpr uint16_t kSerialPort = 0x3f8;
 inline constexpr uint32_t kSerialIrq = 4;
 inline constexpr uint32_t kRsdpLength = 36;
 
+// Power-off, the hardware-reduced way (ACPI 6.5 sections 4.8.3.7 and 4.8.3.8): the FADT's
+// SLEEP_CONTROL_REG and SLEEP_STATUS_REG are one-byte I/O ports, and the DSDT's \_S5_ gives the
+// SLP_TYP that means "soft off". A guest powers off by writing SLP_TYP << 2 | SLP_EN to the control
+// register; vmm/devices/acpi_sleep.h is the device behind both ports.
+inline constexpr uint16_t kSleepControlPort = 0x600;
+inline constexpr uint16_t kSleepStatusPort = 0x601;
+inline constexpr uint8_t kS5SleepType = 5;
+
 struct TableLocation {
   uint64_t address = 0;
   uint32_t length = 0;

@@ -16,6 +16,24 @@ namespace {
 constexpr uint32_t kLeaf1EcxHypervisor = 1u << 31;
 constexpr uint32_t kLeaf1EdxHtt = 1u << 28;
 
+// "KVMKVMKVM\0\0\0" in EBX, ECX, EDX of KVM's signature leaf.
+constexpr uint32_t kKvmSignatureEbx = 0x4b4d564b;
+constexpr uint32_t kKvmSignatureEcx = 0x564b4d56;
+constexpr uint32_t kKvmSignatureEdx = 0x0000004d;
+
+// KVM's features leaf: the one after its signature leaf, which sits at 0x40000000 or, beside
+// other hypervisors' leaves, at a further multiple of 0x100.
+std::optional<uint32_t> kvm_features_leaf(const std::vector<kvm_cpuid_entry2>& entries) {
+  for (const auto& entry : entries) {
+    if (entry.function >= 0x40000000 && entry.function < 0x40010000 &&
+        (entry.function & 0xff) == 0 && entry.ebx == kKvmSignatureEbx &&
+        entry.ecx == kKvmSignatureEcx && entry.edx == kKvmSignatureEdx) {
+      return entry.function + 1;
+    }
+  }
+  return std::nullopt;
+}
+
 // Bits needed to number `count` things: the x2APIC id shift of a topology level.
 unsigned id_bits(unsigned count) {
   unsigned bits = 0;
@@ -36,10 +54,25 @@ std::optional<std::vector<kvm_cpuid_entry2>> supported(int kvm_fd, std::string& 
   return std::vector<kvm_cpuid_entry2>(table->entries, table->entries + table->nent);
 }
 
+bool offers_hypercall_features(const std::vector<kvm_cpuid_entry2>& entries) {
+  const auto features = kvm_features_leaf(entries);
+  if (!features) return false;
+  for (const auto& entry : entries) {
+    if (entry.function == *features && (entry.eax & kHypercallFeatures) != 0) return true;
+  }
+  return false;
+}
+
 std::vector<kvm_cpuid_entry2> for_vcpu(std::vector<kvm_cpuid_entry2> entries, unsigned apic_id,
-                                       unsigned cpu_count) {
+                                       unsigned cpu_count, bool hypercalls_work) {
   const unsigned core_bits = id_bits(cpu_count);
+  const auto kvm_features = kvm_features_leaf(entries);
   for (auto& entry : entries) {
+    if (!hypercalls_work && kvm_features && entry.function == *kvm_features) {
+      // A guest that issues a hypercall here never comes back from it.
+      entry.eax &= ~kHypercallFeatures;
+      continue;
+    }
     switch (entry.function) {
       case 1:
         // EBX: initial APIC id in 31:24, logical processors per package in 23:16.

@@ -21,6 +21,7 @@
 #include "snapstore/file_util.h"
 #include "vmm/acpi.h"
 #include "vmm/cpuid.h"
+#include "vmm/devices/acpi_sleep.h"
 #include "vmm/devices/i8042.h"
 #include "vmm/devices/serial.h"
 #include "vmm/disk_overlay.h"
@@ -104,6 +105,7 @@ class MachineImpl final : public Machine {
   DiskOverlay* disk() override { return block_ ? &block_->disk() : nullptr; }
   void set_balloon_target_mib(uint64_t mib) override;
   BalloonStatus balloon() const override;
+  const std::string& kernel_cmdline() const override { return kernel_cmdline_; }
 
  private:
   // The RAM the guest's e820 map describes.
@@ -135,9 +137,11 @@ class MachineImpl final : public Machine {
   Interrupt serial_interrupt_;
   std::unique_ptr<Serial> serial_;
   std::unique_ptr<I8042> i8042_;
+  std::unique_ptr<AcpiSleep> acpi_sleep_;  // stateless: not in MachineState
   std::vector<std::unique_ptr<Interrupt>> virtio_interrupts_;
   std::vector<std::unique_ptr<virtio::VirtioMmioTransport>> transports_;
   std::vector<acpi::VirtioMmioDevice> virtio_layout_;
+  std::string kernel_cmdline_;  // what load_guest() gave the kernel
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
   std::vector<uint32_t> msr_indexes_;  // what capture() saves of each vCPU
   // The devices, typed, for their own state (owned by transports_).
@@ -352,6 +356,7 @@ void MachineImpl::create_vcpus() {
   for (unsigned i = 0; i < config_.max_cpus; ++i) {
     auto vcpu = std::make_unique<Vcpu>(vm_.get(), i, static_cast<size_t>(run_size));
     vcpu->configure(supported_cpuid, msrs_settable, config_.max_cpus);
+    vcpu->set_guest_memory(&memory_);
     vcpus_.push_back(std::move(vcpu));
   }
 }
@@ -367,6 +372,11 @@ void MachineImpl::create_devices() {
     finish(MachineExit{MachineExit::Reason::kPoweredOff, "the guest reset through the i8042"});
   });
   ports_.add(kI8042Base, kI8042Size, i8042_.get(), "i8042");
+  // Linux's poweroff: S5 through the FADT's sleep control register.
+  acpi_sleep_ = std::make_unique<AcpiSleep>([this] {
+    finish(MachineExit{MachineExit::Reason::kPoweredOff, "the guest powered off through ACPI S5"});
+  });
+  ports_.add(kAcpiSleepBase, kAcpiSleepPorts, acpi_sleep_.get(), "ACPI sleep registers");
 
   // The order fixes each device's address and GSI (vmm/machine.h): the guest relies on it.
   auto console = std::make_unique<virtio::VirtioConsole>(config_.agent_fd, loop_);
@@ -449,11 +459,13 @@ void MachineImpl::load_guest() {
   // rather than in the DSDT.
   std::string cmdline = config_.cmdline;
   for (const auto& device : virtio_layout_) {
+    if (!config_.virtio_on_cmdline) break;
     if (!cmdline.empty()) cmdline += ' ';
     cmdline +=
         "virtio_mmio.device=4K@" + hex_address(device.base) + ":" + std::to_string(device.gsi);
   }
   cmdline += " msb.cpus=" + std::to_string(config_.cpus);
+  kernel_cmdline_ = cmdline;
 
   boot::BootConfig boot_config;
   boot_config.cmdline = cmdline;

@@ -34,7 +34,8 @@ class VmmError : public std::runtime_error {
 struct MachineConfig {
   std::string kernel_path;  // bzImage or ELF vmlinux (the test guest is an ELF)
   std::string initrd_path;  // "" for none
-  std::string cmdline;      // msb appends virtio_mmio.device=... and msb.cpus=N to it
+  std::string cmdline;      // msb appends virtio_mmio.device=... (see virtio_on_cmdline) and
+                            // msb.cpus=N to it
   unsigned cpus = 1;        // vCPUs started; the VM is built for max_cpus
   unsigned max_cpus = 1;
   uint64_t memory_mib = 256;  // RAM in the e820 map
@@ -45,9 +46,12 @@ struct MachineConfig {
                                   // none: see DiskOverlay::open
   uint64_t disk_size = 0;         // bytes; with a base image, its size wins; 0 and no base:
                                   // no disk at all
-  int console_log_fd = -1;        // serial output is appended here (not owned)
-  int agent_fd = -1;              // a stream socket: bytes to and from the guest's console port
-                                  // (not owned; msb keeps the other end)
+  // The virtio-mmio devices are in the DSDT; they are also named on the command line
+  // (virtio_mmio.device=SIZE@BASE:GSI) for kernels that read them there (the test guest).
+  bool virtio_on_cmdline = true;
+  int console_log_fd = -1;  // serial output is appended here (not owned)
+  int agent_fd = -1;        // a stream socket: bytes to and from the guest's console port
+                            // (not owned; msb keeps the other end)
   // The e820 map gives the guest max_memory_mib of RAM and the balloon starts out holding what
   // is above memory_mib (for a guest whose driver inflates it early: Linux with msb's agent), so
   // that a restore can grant more memory as well as less. Off: the map holds memory_mib.
@@ -139,6 +143,9 @@ class Machine {
   // before start() and while paused (the guest then acts on resume). A guest without a balloon
   // driver (the test guest) ignores it.
   virtual void set_balloon_target_mib(uint64_t mib) = 0;
+  // The command line the kernel was booted with, all of it (config.cmdline and what msb
+  // appended); "" for a restored machine, which boots nothing.
+  virtual const std::string& kernel_cmdline() const = 0;
   virtual BalloonStatus balloon() const = 0;
 };
 

@@ -11,27 +11,29 @@
 #include <mutex>
 
 #include "vmm/cpuid.h"
+#include "vmm/emulation.h"
 #include "vmm/guest_memory.h"
+#include "vmm/hypercall_probe.h"
 #include "vmm/kvm.h"
 #include "vmm/long_mode.h"
 
 namespace msb::vmm {
 
-namespace {
-
-// The signal that interrupts KVM_RUN. Its handler does nothing: the point is the EINTR.
-const int kKickSignal = SIGRTMIN + 1;
-
-void install_kick_handler() {
-  static std::once_flag once;
-  std::call_once(once, [] {
+int kick_signal() {
+  // Its handler does nothing: the point is the EINTR.
+  static const int signal = [] {
+    const int number = SIGRTMIN + 1;
     struct sigaction action {};
     action.sa_handler = [](int) {};
     sigemptyset(&action.sa_mask);
     action.sa_flags = 0;  // no SA_RESTART: KVM_RUN must come back with EINTR
-    ::sigaction(kKickSignal, &action, nullptr);
-  });
+    ::sigaction(number, &action, nullptr);
+    return number;
+  }();
+  return signal;
 }
+
+namespace {
 
 // MSRs every vCPU starts with, as Firecracker and QEMU set them: syscall MSRs cleared, fast string
 // operations enabled, and write-back as the default memory type with MTRRs on.
@@ -59,10 +61,42 @@ uint32_t set_delivery_mode(uint32_t lvt, uint32_t mode) {
   return (lvt & ~0x700u) | (mode << 8);
 }
 
+constexpr uint64_t kCr0Pe = 1u << 0;
+constexpr uint64_t kCr0Mp = 1u << 1;
+constexpr uint64_t kCr0Ts = 1u << 3;
+constexpr uint64_t kEferLma = 1u << 10;
+constexpr uint64_t kRflagsVm = 1u << 17;
+constexpr uint8_t kBreakpointVector = 3;
+
+emulation::CodeMode code_mode(const kvm_sregs& sregs) {
+  if ((sregs.efer & kEferLma) && sregs.cs.l) return emulation::CodeMode::k64;
+  return sregs.cs.db ? emulation::CodeMode::k32 : emulation::CodeMode::k16;
+}
+
+unsigned current_privilege_level(const kvm_sregs& sregs, const kvm_regs& regs) {
+  if (!(sregs.cr0 & kCr0Pe)) return 0;
+  if (regs.rflags & kRflagsVm) return 3;
+  return sregs.cs.selector & 3;
+}
+
+// RIP wraps at the code segment's operand size.
+uint64_t advance_rip(uint64_t rip, size_t length, emulation::CodeMode mode) {
+  const uint64_t next = rip + length;
+  switch (mode) {
+    case emulation::CodeMode::k64:
+      return next;
+    case emulation::CodeMode::k32:
+      return next & 0xffffffff;
+    case emulation::CodeMode::k16:
+      break;
+  }
+  return next & 0xffff;
+}
+
 }  // namespace
 
 Vcpu::Vcpu(int vm_fd, unsigned index, size_t run_size) : index_(index), run_size_(run_size) {
-  install_kick_handler();
+  kick_signal();
   fd_.reset(kvm::ioctl_or_throw(vm_fd, KVM_CREATE_VCPU, static_cast<unsigned long>(index),
                                 where() + ": KVM_CREATE_VCPU"));
   void* page = ::mmap(nullptr, run_size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
@@ -83,7 +117,10 @@ std::string Vcpu::where() const {
 void Vcpu::configure(const std::optional<std::vector<kvm_cpuid_entry2>>& supported_cpuid,
                      bool set_msrs, unsigned cpu_count) {
   if (supported_cpuid) {
-    auto entries = cpuid::for_vcpu(*supported_cpuid, index_, cpu_count);
+    // Probed (once per process, only without VMX/SVM) only when there is something to hide.
+    const bool hypercalls_work =
+        !cpuid::offers_hypercall_features(*supported_cpuid) || hypercall_probe::hypercalls_work();
+    auto entries = cpuid::for_vcpu(*supported_cpuid, index_, cpu_count, hypercalls_work);
     if (entries.size() > kvm::kMaxCpuidEntries) throw VmmError(where() + ": CPUID table too large");
     auto table = std::make_unique<kvm::CpuidTable>();
     table->nent = static_cast<uint32_t>(entries.size());
@@ -205,7 +242,7 @@ void Vcpu::kick() {
   // immediate_exit covers a kick that lands before KVM_RUN is entered; the signal one that lands
   // while the vCPU is inside it.
   __atomic_store_n(&run_->immediate_exit, 1, __ATOMIC_SEQ_CST);
-  if (running_.load()) ::pthread_kill(thread_.load(), kKickSignal);
+  if (running_.load()) ::pthread_kill(thread_.load(), kick_signal());
 }
 
 std::optional<MachineExit> Vcpu::run(const IoBus& ports, const IoBus& mmio,
@@ -219,7 +256,7 @@ std::optional<MachineExit> Vcpu::run(const IoBus& ports, const IoBus& mmio,
   // Whoever started this thread may have blocked signals; the kick must get through.
   sigset_t kick_set;
   sigemptyset(&kick_set);
-  sigaddset(&kick_set, kKickSignal);
+  sigaddset(&kick_set, kick_signal());
   ::pthread_sigmask(SIG_UNBLOCK, &kick_set, nullptr);
 
   while (!stopping.load()) {
@@ -266,6 +303,113 @@ MachineExit Vcpu::internal_error(const std::string& what) {
   return MachineExit{MachineExit::Reason::kInternalError, detail};
 }
 
+std::vector<uint8_t> Vcpu::read_guest_code(uint64_t linear, size_t length) {
+  std::vector<uint8_t> code;
+  if (!memory_) return code;
+  length = std::min(length, emulation::kMaxInstructionLength);
+  while (code.size() < length) {
+    kvm_translation translation{};
+    translation.linear_address = linear;
+    if (::ioctl(fd_.get(), KVM_TRANSLATE, &translation) != 0 || !translation.valid) break;
+    // One page at a time: the next page may map anywhere, or nowhere.
+    const size_t chunk = static_cast<size_t>(
+        std::min<uint64_t>(length - code.size(), kPageSize - linear % kPageSize));
+    std::byte buffer[emulation::kMaxInstructionLength];
+    if (!memory_->read(translation.physical_address, std::span(buffer, chunk))) break;
+    for (size_t i = 0; i < chunk; ++i)
+      code.push_back(static_cast<uint8_t>(buffer[i]));
+    linear += chunk;
+  }
+  return code;
+}
+
+std::optional<MachineExit> Vcpu::emulation_failure() {
+  const auto& failure = run_->emulation_failure;
+  std::vector<uint8_t> bytes;
+  // Flags and the instruction bytes are KVM's data words 0-2, when it had the bytes.
+  if (failure.ndata >= 3 && (failure.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)) {
+    const size_t size = std::min<size_t>(failure.insn_size, sizeof failure.insn_bytes);
+    bytes.assign(failure.insn_bytes, failure.insn_bytes + size);
+  }
+  kvm_regs regs{};
+  kvm_sregs sregs{};
+  if (::ioctl(fd_.get(), KVM_GET_REGS, &regs) != 0 ||
+      ::ioctl(fd_.get(), KVM_GET_SREGS, &sregs) != 0) {
+    return internal_error(std::string("the CPU could not emulate an instruction (") +
+                          emulation::hex_bytes(bytes) +
+                          ") and its registers are unreadable: " + std::strerror(errno));
+  }
+  const auto mode = code_mode(sregs);
+  auto decoded = emulation::decode(bytes, mode);
+  if (bytes.empty() || decoded.truncated) {
+    // KVM gave too few bytes: read the instruction from guest memory, and use it only if it
+    // still starts with what KVM fetched (another vCPU may be rewriting this code).
+    const uint64_t linear =
+        mode == emulation::CodeMode::k64 ? regs.rip : (sregs.cs.base + regs.rip) & 0xffffffff;
+    auto code = read_guest_code(linear, emulation::kMaxInstructionLength);
+    if (code.size() > bytes.size() && std::equal(bytes.begin(), bytes.end(), code.begin())) {
+      bytes = std::move(code);
+      decoded = emulation::decode(bytes, mode);
+    }
+  }
+  auto fail = [&](const std::string& why) {
+    return internal_error("the CPU could not emulate " + emulation::describe(bytes, decoded) + why);
+  };
+
+  switch (decoded.action) {
+    case emulation::Action::kInjectBreakpoint: {
+      // Only kernel code is emulated; a breakpoint from user mode would need the gate's DPL
+      // check, which an injected exception skips.
+      if (current_privilege_level(sregs, regs) != 0) return fail(" (not at CPL 0)");
+      kvm_vcpu_events events{};
+      if (::ioctl(fd_.get(), KVM_GET_VCPU_EVENTS, &events) != 0) {
+        return fail(std::string(" (KVM_GET_VCPU_EVENTS: ") + std::strerror(errno) + ")");
+      }
+      if (events.exception.injected || events.exception.pending || events.nmi.injected ||
+          events.interrupt.injected) {
+        return fail(" (another event was being delivered)");
+      }
+      // RIP first: KVM_SET_REGS drops a pending exception.
+      regs.rip = advance_rip(regs.rip, decoded.length, mode);
+      if (::ioctl(fd_.get(), KVM_SET_REGS, &regs) != 0) {
+        return fail(std::string(" (KVM_SET_REGS: ") + std::strerror(errno) + ")");
+      }
+      // #BP is a trap: delivered with RIP past the int3, the frame holds the next instruction.
+      events.exception.injected = 1;
+      events.exception.nr = kBreakpointVector;
+      events.exception.has_error_code = 0;
+      events.exception.error_code = 0;
+      events.interrupt.shadow = 0;  // the instruction completed, so any STI/MOV SS shadow ended
+      if (::ioctl(fd_.get(), KVM_SET_VCPU_EVENTS, &events) != 0) {
+        return fail(std::string(" (KVM_SET_VCPU_EVENTS: ") + std::strerror(errno) + ")");
+      }
+      completions_.fetch_add(1, std::memory_order_relaxed);
+      return std::nullopt;
+    }
+    case emulation::Action::kSkipWait: {
+      // fwait raises #NM with CR0.TS and CR0.MP, #MF with an unmasked x87 exception pending;
+      // otherwise it does nothing. The VMM completes only the nothing.
+      if ((sregs.cr0 & kCr0Ts) && (sregs.cr0 & kCr0Mp)) return fail(" (CR0.TS and CR0.MP: #NM)");
+      kvm_fpu fpu{};
+      if (::ioctl(fd_.get(), KVM_GET_FPU, &fpu) != 0) {
+        return fail(std::string(" (KVM_GET_FPU: ") + std::strerror(errno) + ")");
+      }
+      if (emulation::x87_exception_pending(fpu.fsw, fpu.fcw)) {
+        return fail(" (an unmasked x87 exception is pending, FSW " + hex_address(fpu.fsw) + ")");
+      }
+      regs.rip = advance_rip(regs.rip, decoded.length, mode);
+      if (::ioctl(fd_.get(), KVM_SET_REGS, &regs) != 0) {
+        return fail(std::string(" (KVM_SET_REGS: ") + std::strerror(errno) + ")");
+      }
+      completions_.fetch_add(1, std::memory_order_relaxed);
+      return std::nullopt;
+    }
+    case emulation::Action::kFail:
+      break;
+  }
+  return fail("");
+}
+
 std::optional<MachineExit> Vcpu::handle_exit(const IoBus& ports, const IoBus& mmio) {
   switch (run_->exit_reason) {
     case KVM_EXIT_IO: {
@@ -309,6 +453,7 @@ std::optional<MachineExit> Vcpu::handle_exit(const IoBus& ports, const IoBus& mm
       }
       return internal_error("system event " + std::to_string(run_->system_event.type));
     case KVM_EXIT_INTERNAL_ERROR:
+      if (run_->internal.suberror == KVM_INTERNAL_ERROR_EMULATION) return emulation_failure();
       return internal_error("KVM internal error, suberror " +
                             std::to_string(run_->internal.suberror));
     case KVM_EXIT_FAIL_ENTRY:

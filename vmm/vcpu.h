@@ -3,6 +3,9 @@
 //
 // Only the boot vCPU (index 0) gets registers: with the in-kernel LAPIC the others start in
 // KVM_MP_STATE_UNINITIALIZED and wait for the guest's INIT-SIPI-SIPI, as on real hardware.
+//
+// Where KVM's emulator gives up on an instruction (hosts without VMX/SVM), the run loop completes
+// `int3` and `fwait` itself (vmm/emulation.h) and stops the guest on anything else.
 #pragma once
 
 #include <linux/kvm.h>
@@ -21,6 +24,12 @@
 #include "vmm/machine.h"
 
 namespace msb::vmm {
+
+class GuestMemory;
+
+// The signal that interrupts a thread's KVM_RUN (EINTR): installs its do-nothing handler, without
+// SA_RESTART, once per process, and returns it.
+int kick_signal();
 
 // Where a machine's vCPU threads park while it is paused. The machine requests a pause and
 // kicks every vCPU; each vCPU thread, once out of KVM_RUN with nothing pending, parks here until
@@ -67,6 +76,9 @@ class Vcpu {
                  unsigned cpu_count);
   // The boot vCPU's state at the kernel's 64-bit entry (vmm/long_mode.h).
   void set_boot_registers(uint64_t entry, uint64_t zero_page);
+  // Guest memory, for reading an instruction KVM's emulator failed on when KVM does not give its
+  // bytes. Without it such an instruction is reported undecoded. Set before run().
+  void set_guest_memory(const GuestMemory* memory) { memory_ = memory; }
 
   // Runs the vCPU on the calling thread until `stopping` is set (then returns nullopt) or the
   // guest does something that ends the machine (returns why). I/O and MMIO exits go to the
@@ -79,12 +91,21 @@ class Vcpu {
   // KVM_KVMCLOCK_CTRL: tells a guest with kvmclock that it was paused (so its soft-lockup
   // watchdog does not fire). Returns 0 or the errno; EINVAL means the guest has no kvmclock.
   int kvmclock_ctrl();
+  // Instructions KVM's emulator failed on that this vCPU completed (int3, fwait): none on hosts
+  // with VMX/SVM.
+  uint64_t emulation_completions() const { return completions_.load(std::memory_order_relaxed); }
 
  private:
   void set_boot_msrs();
   void set_lapic_lines();
   std::optional<MachineExit> handle_exit(const IoBus& ports, const IoBus& mmio);
   MachineExit internal_error(const std::string& what);
+  // KVM_EXIT_INTERNAL_ERROR with suberror KVM_INTERNAL_ERROR_EMULATION: completes int3 and fwait
+  // (nullopt: the guest goes on), else says which instruction stopped the guest.
+  std::optional<MachineExit> emulation_failure();
+  // Up to `length` bytes at linear address `linear` (translated by KVM page by page), fewer where
+  // translation or guest memory ends.
+  std::vector<uint8_t> read_guest_code(uint64_t linear, size_t length);
   std::string where() const;  // "vCPU 0"
 
   unsigned index_;
@@ -93,6 +114,8 @@ class Vcpu {
   size_t run_size_ = 0;
   std::atomic<pthread_t> thread_{};
   std::atomic<bool> running_{false};
+  const GuestMemory* memory_ = nullptr;
+  std::atomic<uint64_t> completions_{0};
 };
 
 }  // namespace msb::vmm
