@@ -20,7 +20,9 @@
 #include "core/archive.h"
 #include "core/control_client.h"
 #include "core/exec_mux.h"
+#include "core/guest_cmdline.h"
 #include "core/home.h"
+#include "core/kernels.h"
 #include "core/vmm_snapshot.h"
 #include "guest/protocol/agent_protocol.h"
 #include "snapstore/error.h"
@@ -80,9 +82,14 @@ vmm::MachineConfig machine_config(const nlohmann::json& config, int console_fd, 
   machine.disk_size = config.value("disk_size_mib", uint64_t{1024}) << 20;
   // A Linux guest (msb's agent loads the balloon driver at boot) sees RAM up to the ceiling with
   // the balloon holding what is above --memory, and learns the sandbox's name for its hostname.
+  // Its devices are described by ACPI alone: a kernel that also reads virtio_mmio.device=
+  // would probe each device twice and fail the second time. Where this host emulates kernel
+  // mode, msb adds the options that make Linux run there (core/guest_cmdline.h).
   if (config.value("linux", false)) {
     machine.balloon_holds_excess = true;
+    machine.virtio_on_cmdline = false;
     machine.cmdline += " msb.hostname=" + config.at("name").get<std::string>();
+    machine.cmdline = cmdline_for_host(machine.cmdline, !host_has_hardware_virtualization());
   }
   machine.console_log_fd = console_fd;
   machine.agent_fd = agent_fd;
@@ -180,6 +187,10 @@ int run_vmm_process(const std::filesystem::path& dir) {
     } else {
       machine_settings.memory_path.clear();
       machine = vmm::Machine::create(machine_settings);
+      // The console log starts with what the kernel was given: a quiet kernel does not print
+      // it, and msb adds options of its own on some hosts (core/guest_cmdline.h).
+      const std::string line = "msb: kernel command line: " + machine->kernel_cmdline() + "\n";
+      (void)!::write(console.get(), line.data(), line.size());
       if (config.contains("restore")) parent.clear();
     }
     machine->start();

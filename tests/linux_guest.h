@@ -11,7 +11,8 @@
 //   auto result = guest.exec(msb::test::Command({"id", "-u"}).as("tester"));
 //   guest.power_off();
 //
-// Needs MSB_LINUX_KERNEL_DIR (vmlinuz, lib/modules/VERSION) and MSB_AGENT (the agent binary).
+// Needs MSB_LINUX_KERNEL_DIR (vmlinuz, lib/modules/VERSION), MSB_GUEST_KERNEL_DIR (msb's
+// kernel: vmlinuz) and MSB_AGENT (the agent binary).
 #pragma once
 
 #include <fcntl.h>
@@ -63,11 +64,20 @@ inline std::string find_on_path(const std::string& name) {
   }
 }
 
-// The kernel's lib/modules/VERSION folder, or "" if there is none.
-inline std::filesystem::path linux_modules_dir() {
+// The kernels the tier boots: Debian's cloud kernel (its virtio drivers are modules, which the
+// initramfs carries) and msb's own (scripts/build-guest-kernel: everything built in, so the
+// initramfs holds just the agent).
+enum class GuestKernel { kDebianCloud, kMsb };
+
+inline std::filesystem::path guest_kernel_dir(GuestKernel kernel) {
+  return kernel == GuestKernel::kMsb ? MSB_GUEST_KERNEL_DIR : MSB_LINUX_KERNEL_DIR;
+}
+
+// A kernel's lib/modules/VERSION folder, or "" if there is none.
+inline std::filesystem::path linux_modules_dir(GuestKernel kernel = GuestKernel::kDebianCloud) {
   std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(
-           std::filesystem::path(MSB_LINUX_KERNEL_DIR) / "lib" / "modules", ec)) {
+  for (const auto& entry :
+       std::filesystem::directory_iterator(guest_kernel_dir(kernel) / "lib" / "modules", ec)) {
     if (entry.is_directory()) return entry.path();
   }
   return {};
@@ -85,13 +95,16 @@ inline std::string host_tsc_khz() {
 }
 
 // Prints "SKIPPED: ..." and exits 77 (CTest's skip) without QEMU, the kernel or the agent.
-inline void skip_without_linux_guest() {
+inline void skip_without_linux_guest(GuestKernel kernel = GuestKernel::kDebianCloud) {
   std::string missing;
+  const std::filesystem::path dir = guest_kernel_dir(kernel);
   if (find_on_path("qemu-system-x86_64").empty()) {
     missing = "qemu-system-x86_64 is not installed (Debian package qemu-system-x86)";
-  } else if (!std::filesystem::exists(std::filesystem::path(MSB_LINUX_KERNEL_DIR) / "vmlinuz") ||
-             linux_modules_dir().empty()) {
-    missing = std::string("no kernel in ") + MSB_LINUX_KERNEL_DIR + " (scripts/fetch-linux-kernel)";
+  } else if (kernel == GuestKernel::kDebianCloud &&
+             (!std::filesystem::exists(dir / "vmlinuz") || linux_modules_dir(kernel).empty())) {
+    missing = "no kernel in " + dir.string() + " (scripts/fetch-linux-kernel)";
+  } else if (kernel == GuestKernel::kMsb && !std::filesystem::exists(dir / "vmlinuz")) {
+    missing = "no kernel in " + dir.string() + " (scripts/build-guest-kernel)";
   } else if (::access(MSB_AGENT, X_OK) != 0) {
     missing = std::string("the agent ") + MSB_AGENT + " is not built";
   }
@@ -171,6 +184,7 @@ inline void make_busybox_image(const std::filesystem::path& image,
 }
 
 struct LinuxGuestOptions {
+  GuestKernel kernel = GuestKernel::kDebianCloud;
   std::filesystem::path root_image;  // ext4; empty: no root disk (msb.root=none)
   unsigned cpus = 2;
   uint64_t memory_mib = 512;
@@ -373,11 +387,12 @@ class LinuxGuest {
  private:
   void boot() {
     namespace fs = std::filesystem;
-    const fs::path kernel_dir = MSB_LINUX_KERNEL_DIR;
+    const fs::path kernel_dir = guest_kernel_dir(options_.kernel);
     // One state directory per test process: the initramfs is cached there by content.
     static TempDir home_dir;
     core::Home home = core::Home::resolve(home_dir.path());
-    const fs::path initramfs = core::build_initramfs(home, MSB_AGENT, linux_modules_dir());
+    const fs::path initramfs =
+        core::build_initramfs(home, MSB_AGENT, linux_modules_dir(options_.kernel));
 
     // tsc_early_khz: under TCG on a busy host the kernel's TSC calibration against the PIT
     // fails, and the boot then hangs (seen with 5 processes on 2 cores); the host's rate (TCG's
