@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli/output.h"
 #include "core/sandbox.h"
 #include "snapstore/file_util.h"
 
@@ -104,10 +105,15 @@ std::string uptime_text(std::optional<double> uptime) {
 
 int run_create(const GlobalOptions& global, const SandboxArgs& args) {
   auto start = std::chrono::steady_clock::now();
-  core::Sandbox sandbox = core::Sandbox::create(home_of(global), create_options(args));
+  std::optional<core::Sandbox> sandbox;
+  {
+    // Scoped so that the progress line is cleared before the result is printed.
+    BootProgressLine progress(global.quiet);
+    sandbox = core::Sandbox::create(home_of(global), create_options(args), progress.callback());
+  }
   if (!global.quiet) {
     std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-    std::printf("created %s (ready in %.2f s)\n", sandbox.name().c_str(), took.count());
+    std::printf("created %s (ready in %.2f s)\n", sandbox->name().c_str(), took.count());
   }
   return 0;
 }
@@ -184,7 +190,10 @@ int run_stop(const GlobalOptions& global, const SandboxArgs& args) {
 int run_start(const GlobalOptions& global, const SandboxArgs& args) {
   core::Sandbox sandbox = core::Sandbox::open(home_of(global), args.name);
   auto start = std::chrono::steady_clock::now();
-  sandbox.start();
+  {
+    BootProgressLine progress(global.quiet);
+    sandbox.start(progress.callback());
+  }
   if (!global.quiet) {
     std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
     std::printf("started %s (ready in %.2f s)\n", sandbox.name().c_str(), took.count());
@@ -213,8 +222,11 @@ int run_rm(const GlobalOptions& global, const SandboxArgs& args) {
 }
 
 int run_run(const GlobalOptions& global, const SandboxArgs& args) {
-  core::ExecResult result = core::run_once(home_of(global), create_options(args),
-                                           exec_options(args, false), standard_io());
+  // The progress line is cleared once the boot is done, before the command's output.
+  BootProgressLine progress(global.quiet);
+  core::ExecResult result =
+      core::run_once(home_of(global), create_options(args), exec_options(args, false),
+                     standard_io(), progress.callback());
   if (result.timed_out && !global.quiet) {
     std::fprintf(stderr, "msb: the command timed out after %s s and was killed\n",
                  args.timeout.c_str());

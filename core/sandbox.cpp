@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -114,10 +115,35 @@ void kill_vmm(const fs::path& dir, int pid) {
   if (pid > 0) ::waitpid(pid, nullptr, WNOHANG);
 }
 
-// The last lines of the console log, indented, for error messages.
+// `line` without control characters (C0, DEL and UTF-8-encoded C1): guest output goes into error
+// messages that land on a terminal, where escape sequences could rewrite what the user sees.
+std::string without_controls(std::string_view line) {
+  std::string out;
+  for (size_t i = 0; i < line.size(); ++i) {
+    auto c = static_cast<unsigned char>(line[i]);
+    if (c == 0xc2 && i + 1 < line.size() &&
+        (static_cast<unsigned char>(line[i + 1]) & 0xe0) == 0x80) {
+      ++i;  // U+0080..U+009F
+    } else if ((c >= 0x20 && c != 0x7f) || c == '\t') {
+      out += char(c);
+    }
+  }
+  return out;
+}
+
+// The last lines of the console log (from its last 64 KiB), indented, for error messages.
 std::string console_tail(const fs::path& dir) {
-  std::ifstream in(dir / "console.log", std::ios::binary);
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string text;
+  if (UniqueFd fd{::open((dir / "console.log").c_str(), O_RDONLY | O_CLOEXEC)}) {
+    struct stat st;
+    if (::fstat(fd.get(), &st) == 0) {
+      constexpr off_t kTailBytes = 64 * 1024;
+      off_t from = std::max<off_t>(0, st.st_size - kTailBytes);
+      text.resize(static_cast<size_t>(st.st_size - from));
+      ssize_t n = ::pread(fd.get(), text.data(), text.size(), from);
+      text.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    }
+  }
   while (!text.empty() && (text.back() == '\n' || text.back() == '\r'))
     text.pop_back();
   if (text.empty()) return "\n  (the console log is empty)";
@@ -136,7 +162,7 @@ std::string console_tail(const fs::path& dir) {
   while (pos <= tail.size()) {
     size_t end = tail.find('\n', pos);
     if (end == std::string::npos) end = tail.size();
-    out += "\n  " + tail.substr(pos, end - pos);
+    out += "\n  " + without_controls(std::string_view(tail).substr(pos, end - pos));
     pos = end + 1;
   }
   return out;
@@ -177,18 +203,6 @@ int spawn_vmm(const fs::path& dir) {
     ::_exit(127);
   }
   return pid;
-}
-
-std::chrono::seconds boot_timeout() {
-  const char* env = std::getenv("MSB_BOOT_TIMEOUT");
-  if (!env || !*env) return std::chrono::seconds(60);
-  unsigned value = 0;
-  auto [end, ec] = std::from_chars(env, env + std::strlen(env), value);
-  if (ec != std::errc() || *end != '\0' || value == 0) {
-    throw SandboxError("MSB_BOOT_TIMEOUT=" + in_quotes(env) +
-                       " is not a positive number of seconds");
-  }
-  return std::chrono::seconds(value);
 }
 
 // Ctrl-C (or SIGTERM, SIGHUP) while a sandbox boots, or during `msb run`, must not leave its VMM
@@ -239,68 +253,161 @@ class VmmInterruptGuard {
   struct sigaction old_[std::size(kSignals)];
 };
 
-// Waits for the VMM process `pid` (just spawned) to report the guest's agent ready. On failure,
-// makes sure the process is gone and throws with the reason and the console's last lines.
-void wait_ready(const std::string& name, const fs::path& dir, int pid, bool record_failure) {
+// The console log's latest non-empty line (trailing blanks and carriage returns dropped), from
+// its last 4 KiB: "" if there is none yet. Raw guest output, for BootProgress.
+std::string latest_console_line(const fs::path& dir) {
+  UniqueFd fd(::open((dir / "console.log").c_str(), O_RDONLY | O_CLOEXEC));
+  struct stat st;
+  if (!fd || ::fstat(fd.get(), &st) != 0) return "";
+  char buf[4096];
+  off_t from = st.st_size > off_t(sizeof buf) ? st.st_size - off_t(sizeof buf) : 0;
+  ssize_t n = ::pread(fd.get(), buf, sizeof buf, from);
+  if (n <= 0) return "";
+  std::string_view text(buf, static_cast<size_t>(n));
+  while (!text.empty() && std::strchr(" \t\r\n", text.back()) && text.back() != '\0')
+    text.remove_suffix(1);
+  size_t newline = text.rfind('\n');
+  return std::string(newline == std::string_view::npos ? text : text.substr(newline + 1));
+}
+
+// Why a boot failed.
+struct BootFailure {
+  // For exit.json: "boot-timeout", "boot-failed" or "interrupted"; "" when the VMM process
+  // recorded a failure of its own (vmm-error, triple-fault, ...), which `detail` then quotes.
+  std::string reason;
+  std::string detail;
+  bool interrupted = false;  // by SIGINT, SIGTERM or SIGHUP of this process
+  // "REASON: DETAIL"; an interrupt's detail says it all ("interrupted by SIGINT; ...").
+  std::string text() const {
+    return reason.empty() || interrupted ? detail : reason + ": " + detail;
+  }
+};
+
+// Why the VMM process ended before the guest's agent answered.
+BootFailure vmm_exit_failure(const fs::path& dir) {
+  auto doc = read_json_file(dir / "exit.json");
+  if (!doc) return {"boot-failed", "the VMM process ended without recording why (see vmm.log)"};
+  if (doc->value("state", std::string()) == "failed") return {"", exit_reason(dir)};
+  // It recorded a clean power-off: the guest reset (a Linux kernel panic with panic=-1 does).
+  return {"boot-failed",
+          "the guest powered off before its agent answered (" + exit_reason(dir) + ")"};
+}
+
+// Waits for the VMM process `pid` (just spawned) to report the guest's agent ready, telling
+// `progress` how it goes. On failure, makes sure the process is gone and returns why.
+std::optional<BootFailure> wait_ready(const std::string& name, const fs::path& dir, int pid,
+                                      const BootProgressFn& progress) {
   VmmInterruptGuard interrupt_guard(pid);
-  auto timeout = boot_timeout();
-  auto deadline = Clock::now() + timeout;
-  std::string failure;
+  const auto timeout = boot_timeout();
+  const auto started = Clock::now();
+  const auto deadline = started + timeout;
+  constexpr auto kReportEvery = std::chrono::milliseconds(250);
+  auto next_report = started + kReportEvery;
+  auto report = [&](bool done) {
+    if (!progress) return;
+    BootProgress state;
+    state.name = name;
+    state.waited = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - started);
+    state.done = done;
+    if (!done) state.console_line = latest_console_line(dir);
+    progress(state);
+    next_report = Clock::now() + kReportEvery;
+  };
+  std::optional<BootFailure> failure;
   bool exited = false;
   auto child_exited = [&] {
     if (!exited && ::waitpid(pid, nullptr, WNOHANG) == pid) exited = true;
     return exited;
   };
-  std::optional<ControlConnection> connection;
-  while (!connection && !failure.size()) {
-    if (child_exited()) {
-      failure = exit_reason(dir);
-    } else if (Clock::now() >= deadline) {
-      failure = "the VMM process did not open its control socket within " +
-                std::to_string(timeout.count()) + " s";
-    } else if (UniqueFd fd = connect_unix(dir / "control.sock")) {
-      connection.emplace(std::move(fd));
-    } else {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-  }
-  if (connection) {
-    try {
-      connection->send_request({{"op", "wait_ready"}});
-      bool timed_out = false;
-      auto frame = connection->read_frame(deadline, &timed_out);
-      if (frame && frame->type == control::kResponse) {
-        auto body = nlohmann::json::parse(frame->payload, nullptr, false);
-        if (body.is_object() && body.value("ready", false)) return;
-        failure = body.is_object() ? body.value("error", std::string("unexpected response"))
-                                   : "unexpected response";
-      } else if (timed_out) {
-        failure = "the guest's agent did not answer within " + std::to_string(timeout.count()) +
-                  " s (MSB_BOOT_TIMEOUT sets the limit)";
+  try {
+    std::optional<ControlConnection> connection;
+    while (!connection && !failure) {
+      if (child_exited()) {
+        failure = vmm_exit_failure(dir);
+      } else if (Clock::now() >= deadline) {
+        failure =
+            BootFailure{"boot-timeout", "the VMM process did not open its control socket within " +
+                                            std::to_string(timeout.count()) + " s"};
+      } else if (UniqueFd fd = connect_unix(dir / "control.sock")) {
+        connection.emplace(std::move(fd));
       } else {
-        // The VMM closed the connection: it is exiting, and exit.json says why.
-        auto until = Clock::now() + std::chrono::seconds(5);
-        while (!child_exited() && vmm_running(dir) && Clock::now() < until)
-          std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        failure = exit_reason(dir);
+        if (progress && Clock::now() >= next_report) report(false);
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
-    } catch (const snapstore::StoreError& e) {
-      failure = e.what();
     }
+    if (connection) {
+      try {
+        connection->send_request({{"op", "wait_ready"}});
+        for (;;) {
+          bool timed_out = false;
+          // Woken for each report while someone watches; otherwise only by the VMM or the deadline.
+          auto wake = progress ? std::min(deadline, next_report) : deadline;
+          auto frame = connection->read_frame(wake, &timed_out);
+          if (timed_out && Clock::now() < deadline) {
+            report(false);
+            continue;
+          }
+          if (frame && frame->type == control::kResponse) {
+            auto body = nlohmann::json::parse(frame->payload, nullptr, false);
+            if (body.is_object() && body.value("ready", false)) {
+              report(true);
+              return std::nullopt;
+            }
+            failure = BootFailure{"boot-failed",
+                                  body.is_object()
+                                      ? body.value("error", std::string("unexpected response"))
+                                      : "unexpected response"};
+          } else if (timed_out) {
+            failure = BootFailure{"boot-timeout", "the guest's agent did not answer within " +
+                                                      std::to_string(timeout.count()) +
+                                                      " s (MSB_BOOT_TIMEOUT sets the limit)"};
+          } else {
+            // The VMM closed the connection: it is exiting, and exit.json says why.
+            auto until = Clock::now() + std::chrono::seconds(5);
+            while (!child_exited() && vmm_running(dir) && Clock::now() < until)
+              std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            failure = vmm_exit_failure(dir);
+          }
+          break;
+        }
+      } catch (const snapstore::StoreError& e) {
+        failure = BootFailure{"boot-failed", e.what()};
+      }
+    }
+  } catch (...) {
+    // Whatever went wrong here (the progress display too), no VMM may be left running.
+    kill_vmm(dir, pid);
+    ::waitpid(pid, nullptr, 0);
+    throw;
   }
   kill_vmm(dir, pid);
   ::waitpid(pid, nullptr, 0);
-  if (g_interrupted_by) {
-    failure = interrupted_message();
+  report(true);
+  if (g_interrupted_by) failure = BootFailure{"interrupted", interrupted_message(), true};
+  return failure;
+}
+
+// Records a failed boot in exit.json, which makes the sandbox "failed" with the reason, unless
+// the VMM process recorded a failure of its own (it knows more: vmm-error, triple-fault).
+void record_boot_failure(const fs::path& dir, const BootFailure& failure) {
+  auto doc = read_json_file(dir / "exit.json");
+  if (doc && doc->value("state", std::string()) == "failed" && failure.reason != "interrupted") {
+    return;
   }
-  if (record_failure && !fs::exists(dir / "exit.json")) {
-    write_json_file(dir / "exit.json", {{"state", "failed"},
-                                        {"reason", "boot-failed"},
-                                        {"detail", failure},
-                                        {"time", utc_timestamp()}});
-  }
-  throw SandboxError("sandbox " + in_quotes(name) + " did not start: " + failure +
-                     console_tail(dir));
+  write_json_file(dir / "exit.json",
+                  {{"state", "failed"},
+                   {"reason", failure.reason.empty() ? "boot-failed" : failure.reason},
+                   {"detail", failure.detail},
+                   {"time", utc_timestamp()}});
+}
+
+// The error of a failed boot: one line, with how to look at a kept sandbox, then the console's
+// last lines.
+std::string boot_error(const std::string& name, const fs::path& dir, const BootFailure& failure,
+                       bool kept) {
+  std::string message = "sandbox " + in_quotes(name) + " did not boot: " + failure.text();
+  if (kept) message += " (kept as failed: msb logs " + name + "; msb rm " + name + ")";
+  return message + console_tail(dir);
 }
 
 std::string existing_file(std::string_view what, const std::string& path) {
@@ -418,7 +525,87 @@ std::string random_suffix() {
   return buf;
 }
 
+// "sandbox NAME already exists", saying how to remove a failed one (its name is taken until then).
+std::string already_exists(const Home& home, const std::string& name) {
+  std::string message = "sandbox " + in_quotes(name) + " already exists";
+  try {
+    SandboxInfo info = Sandbox::open(home, name).info();
+    if (info.state == "failed") {
+      message += " (failed: " + info.reason + "; msb rm " + name + " removes it)";
+    }
+  } catch (const SandboxError&) {
+    // Removed meanwhile: the plain message is still true of the moment it was tried.
+  }
+  return message;
+}
+
+// Creates the sandbox `options.name` and boots it. A boot that fails leaves it "failed" with its
+// logs when `keep_failed` (msb create); anything else (an interrupt, an error before the boot,
+// or any failure of msb run's throwaway sandbox) leaves nothing behind.
+void create_sandbox(const Home& home, const CreateOptions& options, const BootProgressFn& progress,
+                    bool keep_failed) {
+  nlohmann::json config = make_config(home, options);
+  boot_timeout();  // a bad MSB_BOOT_TIMEOUT fails before anything is made
+  fs::create_directories(sandboxes_dir(home));
+  fs::path dir = sandboxes_dir(home) / options.name;
+  // mkdir is the claim on the name: of two msb creating it at once, one gets EEXIST.
+  if (::mkdir(dir.c_str(), 0700) != 0) {
+    if (errno == EEXIST) throw SandboxError(already_exists(home, options.name));
+    snapstore::throw_errno("cannot create " + dir.string());
+  }
+  // The sandbox holds its image (a store name) so that msb image rm and gc leave its disk's base.
+  auto image = config["image"].is_object()
+                   ? snapstore::Hash128::parse(config["image"].value("manifest", std::string()))
+                   : std::nullopt;
+  auto discard = [&] {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    if (image) home.open_store()->remove_name(image_hold_name(options.name));
+  };
+  std::optional<BootFailure> failure;
+  bool kept = false;
+  try {
+    UniqueFd lock = claim(dir, options.name);
+    if (image) home.open_store()->set_name(image_hold_name(options.name), *image, true);
+    write_json_file(dir / "config.json", config);
+    int pid = spawn_vmm(dir);
+    failure = wait_ready(options.name, dir, pid, progress);
+    kept = failure && keep_failed && !failure->interrupted;
+    if (kept) record_boot_failure(dir, *failure);
+  } catch (...) {
+    discard();
+    throw;
+  }
+  if (!failure) return;
+  std::string message = boot_error(options.name, dir, *failure, kept);
+  if (!kept) discard();
+  // Where kernel code is emulated a Linux guest boots slowly, if at all: say so with the failure.
+  if (config.value("linux", false) && !host_has_hardware_virtualization()) {
+    message +=
+        "\n  (this host has no VMX/SVM: a Linux guest's kernel code is emulated and boots slowly; "
+        "MSB_BOOT_TIMEOUT sets how long msb waits; --kernel testguest runs msb's test guest)";
+  }
+  throw SandboxError(message);
+}
+
 }  // namespace
+
+std::chrono::seconds boot_timeout(const char* env, bool hardware_virtualization) {
+  if (!env || !*env) return std::chrono::seconds(hardware_virtualization ? 60 : 300);
+  unsigned value = 0;
+  auto [end, ec] = std::from_chars(env, env + std::strlen(env), value);
+  if (ec != std::errc() || *end != '\0' || value == 0) {
+    throw SandboxError("MSB_BOOT_TIMEOUT=" + in_quotes(env) +
+                       " is not a positive number of seconds");
+  }
+  return std::chrono::seconds(value);
+}
+
+std::chrono::seconds boot_timeout() {
+  const char* env = std::getenv("MSB_BOOT_TIMEOUT");
+  // The host is looked at (a read of /proc/cpuinfo) only when the environment says nothing.
+  return boot_timeout(env, env && *env ? true : host_has_hardware_virtualization());
+}
 
 uint64_t parse_mib(std::string_view flag, std::string_view text) {
   uint64_t value = 0;
@@ -467,50 +654,10 @@ int ExecResult::exit_status() const {
   return code;
 }
 
-Sandbox Sandbox::create(const Home& home, const CreateOptions& options) {
-  nlohmann::json config = make_config(home, options);
-  boot_timeout();  // a bad MSB_BOOT_TIMEOUT fails before anything is made
-  fs::create_directories(sandboxes_dir(home));
-  fs::path dir = sandboxes_dir(home) / options.name;
-  // mkdir is the claim on the name: of two msb creating it at once, one gets EEXIST.
-  if (::mkdir(dir.c_str(), 0700) != 0) {
-    if (errno == EEXIST)
-      throw SandboxError("sandbox " + in_quotes(options.name) + " already exists");
-    snapstore::throw_errno("cannot create " + dir.string());
-  }
-  Sandbox sandbox(options.name, dir);
-  // The sandbox holds its image (a store name) so that msb image rm and gc leave its disk's base.
-  auto image = config["image"].is_object()
-                   ? snapstore::Hash128::parse(config["image"].value("manifest", std::string()))
-                   : std::nullopt;
-  auto release_image = [&] {
-    if (image) home.open_store()->remove_name(image_hold_name(options.name));
-  };
-  try {
-    UniqueFd lock = claim(dir, options.name);
-    if (image) home.open_store()->set_name(image_hold_name(options.name), *image, true);
-    write_json_file(dir / "config.json", config);
-    int pid = spawn_vmm(dir);
-    wait_ready(options.name, dir, pid, /*record_failure=*/false);
-  } catch (const SandboxError& e) {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-    release_image();
-    // Where kernel code is emulated Linux cannot boot in useful time: say so with the failure.
-    if (config.value("linux", false) && !host_has_hardware_virtualization()) {
-      throw SandboxError(std::string(e.what()) +
-                         "\n  (this host has no VMX/SVM: a Linux guest's kernel code is emulated "
-                         "and cannot boot in useful time; --kernel testguest runs msb's test "
-                         "guest)");
-    }
-    throw;
-  } catch (...) {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-    release_image();
-    throw;
-  }
-  return sandbox;
+Sandbox Sandbox::create(const Home& home, const CreateOptions& options,
+                        const BootProgressFn& progress) {
+  create_sandbox(home, options, progress, /*keep_failed=*/true);
+  return Sandbox(options.name, sandboxes_dir(home) / options.name);
 }
 
 void Sandbox::create_restored(const Home& home, const std::vector<nlohmann::json>& configs) {
@@ -545,8 +692,12 @@ void Sandbox::create_restored(const Home& home, const std::vector<nlohmann::json
       g_more_vmms = static_cast<sig_atomic_t>(i + 1);
     }
     if (g_interrupted_by) throw SandboxError("restore " + interrupted_message());
-    for (size_t i = 0; i < dirs.size(); ++i)
-      wait_ready(names[i], dirs[i], pids[i], /*record_failure=*/false);
+    // All or nothing: a fork that does not boot takes the others with it (below).
+    for (size_t i = 0; i < dirs.size(); ++i) {
+      if (auto failure = wait_ready(names[i], dirs[i], pids[i], {})) {
+        throw SandboxError(boot_error(names[i], dirs[i], *failure, /*kept=*/false));
+      }
+    }
   } catch (...) {
     g_more_vmms = 0;
     for (size_t i = 0; i < pids.size(); ++i)
@@ -694,7 +845,7 @@ void Sandbox::stop(std::chrono::milliseconds timeout) const {
   if (pid > 0) ::waitpid(pid, nullptr, WNOHANG);
 }
 
-void Sandbox::start() const {
+void Sandbox::start(const BootProgressFn& progress) const {
   boot_timeout();  // a bad MSB_BOOT_TIMEOUT fails before a VMM is started
   UniqueFd lock = claim(dir_, name_);
   if (vmm_running(dir_)) throw SandboxError("sandbox " + in_quotes(name_) + " is already running");
@@ -717,7 +868,10 @@ void Sandbox::start() const {
   std::error_code ec;
   fs::remove(dir_ / "exit.json", ec);
   int pid = spawn_vmm(dir_);
-  wait_ready(name_, dir_, pid, /*record_failure=*/true);
+  if (auto failure = wait_ready(name_, dir_, pid, progress)) {
+    record_boot_failure(dir_, *failure);
+    throw SandboxError(boot_error(name_, dir_, *failure, /*kept=*/true));
+  }
 }
 
 void Sandbox::remove(bool force) const {
@@ -772,13 +926,15 @@ void Sandbox::logs(bool follow, const std::function<void(std::string_view)>& out
 }
 
 ExecResult run_once(const Home& home, CreateOptions options, const ExecOptions& exec,
-                    const ExecIo& io) {
+                    const ExecIo& io, const BootProgressFn& progress) {
   if (options.name.empty()) options.name = "run-" + random_suffix();
   // Without a command the image's entrypoint and command run; a command is needed otherwise.
   if (exec.argv.empty() && options.image.empty()) {
     throw SandboxError("run needs a command (or an --image whose config names one)");
   }
-  Sandbox sandbox = Sandbox::create(home, options);
+  // Not kept when its boot fails: nobody asked for it by name.
+  create_sandbox(home, options, progress, /*keep_failed=*/false);
+  Sandbox sandbox = Sandbox::open(home, options.name);
   ExecResult result;
   {
     // The sandbox is removed whatever happens, so an interrupt may simply kill its VMM: the

@@ -118,12 +118,36 @@ struct SandboxInfo {
   std::string parent;  // the snapshot it was restored from, or ""
 };
 
+// How a boot that waits for the guest's agent is going, for a progress display (the CLI draws
+// it; the library prints nothing).
+struct BootProgress {
+  std::string name;                     // the sandbox
+  std::chrono::milliseconds waited{0};  // since its VMM process started
+  // The console log's latest non-empty line as the guest wrote it: untrusted bytes (control
+  // characters, escape sequences) that must be made safe before they are shown.
+  std::string console_line;
+  bool done = false;  // the last call: the wait is over (ready or failed)
+};
+// Called every few hundred milliseconds while a boot waits, and once with `done` at its end.
+using BootProgressFn = std::function<void(const BootProgress&)>;
+
+// How long create and start wait for the guest's agent: `env` (MSB_BOOT_TIMEOUT's value) when it
+// is set, a positive whole number of seconds (SandboxError otherwise); else 60 s on a host with
+// hardware virtualization and 300 s without (guest kernel code is emulated there: a Linux guest
+// takes 20-60 s to boot, more on a loaded machine).
+std::chrono::seconds boot_timeout(const char* env, bool hardware_virtualization);
+// The same for this process's MSB_BOOT_TIMEOUT and this host.
+std::chrono::seconds boot_timeout();
+
 class Sandbox {
  public:
   // Creates the sandbox's folder, starts its VMM process and returns once the guest's agent
-  // answered. On failure, nothing is left behind (no folder, no process), and the error says why
-  // with the console log's last lines. The wait is MSB_BOOT_TIMEOUT seconds (default 60).
-  static Sandbox create(const Home& home, const CreateOptions& options);
+  // answered. If the guest does not boot (the VMM process exits, the agent does not answer
+  // within boot_timeout()), its VMM process is killed and the sandbox stays, in state "failed"
+  // with its logs and exit.json, for msb logs and msb rm; the error says why, with the console
+  // log's last lines. Any other failure, or an interrupt, leaves nothing behind.
+  static Sandbox create(const Home& home, const CreateOptions& options,
+                        const BootProgressFn& progress = {});
   // An existing sandbox; throws SandboxError if there is none of that name.
   static Sandbox open(const Home& home, const std::string& name);
   // Creates sandboxes from ready-made config.json documents (core/snapshot.cpp's restore: each
@@ -140,7 +164,8 @@ class Sandbox {
   // Asks the guest to power off; kills the VMM process if it has not stopped after `timeout`.
   void stop(std::chrono::milliseconds timeout) const;
   // Boots a stopped or failed sandbox again on its own disk overlay; returns once it is ready.
-  void start() const;
+  // A boot that fails leaves it "failed", as create does.
+  void start(const BootProgressFn& progress = {}) const;
   // Removes the sandbox's folder. A running sandbox is refused unless `force`, which kills it.
   void remove(bool force) const;
 
@@ -156,8 +181,8 @@ class Sandbox {
 };
 
 // Creates a sandbox (named run-XXXXXXXX when options.name is empty), runs one command in it and
-// removes it, whatever happened. Returns the command's result.
+// removes it, whatever happened (a failed boot too: it is not kept). Returns the command's result.
 ExecResult run_once(const Home& home, CreateOptions options, const ExecOptions& exec,
-                    const ExecIo& io);
+                    const ExecIo& io, const BootProgressFn& progress = {});
 
 }  // namespace msb::core

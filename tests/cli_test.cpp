@@ -2,6 +2,8 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include "cli/output.h"
+#include "core/sandbox.h"
 #include "tests/support.h"
 
 using msb::test::ProcessResult;
@@ -216,4 +218,61 @@ TEST_CASE("help and version", "[cli]") {
   ProcessResult version = msb({"--version"});
   REQUIRE(version.exit_code == 0);
   REQUIRE_THAT(version.out, Catch::StartsWith("msb "));
+}
+
+TEST_CASE("a guest's console line is made safe and fitted for a terminal", "[cli]") {
+  using msb::cli::terminal_line;
+  REQUIRE(terminal_line("[    3.141] virtio_blk virtio1: [vda]", 80) ==
+          "[    3.141] virtio_blk virtio1: [vda]");
+  // Control characters go; tabs are spaces.
+  REQUIRE(terminal_line(std::string("a\rb\0c\x07"
+                                    "d\x7f\be\tf",
+                                    12),
+                        80) == "abcde f");
+  // Escape sequences go whole: colours, cursor moves, a window title (OSC, ended by BEL or ST).
+  REQUIRE(terminal_line("\x1b[1;31mred\x1b[0m \x1b[2J\x1b[Hhome", 80) == "red home");
+  REQUIRE(terminal_line("\x1b]0;pwned\x07title \x1b]2;x\x1b\\st \x1b"
+                        "cx",
+                        80) == "title st x");
+  REQUIRE(terminal_line("cut \x1b[", 80) == "cut ");
+  // C1 controls and other non-ASCII characters are one '?' each: every byte shown is one column.
+  REQUIRE(terminal_line("\xc2\x9b"
+                        "2J caf\xc3\xa9 \xe2\x82\xac \x80",
+                        80) == "?2J caf? ? ?");
+  // Cut to the width, ending in "...".
+  REQUIRE(terminal_line("0123456789", 10) == "0123456789");
+  REQUIRE(terminal_line("0123456789abc", 10) == "0123456...");
+  REQUIRE(terminal_line("0123456789", 2) == "..");
+  REQUIRE(terminal_line("0123456789", 0).empty());
+
+  msb::core::BootProgress progress;
+  progress.name = "x";
+  progress.waited = std::chrono::milliseconds(12'400);
+  progress.console_line = "[    3.141] virtio_blk virtio1: [vda] 2097152 512-byte blocks\r";
+  REQUIRE(msb::cli::boot_progress_text(progress, 200) ==
+          "booting x: 12 s: [    3.141] virtio_blk virtio1: [vda] 2097152 512-byte blocks");
+  REQUIRE(msb::cli::boot_progress_text(progress, 30) == "booting x: 12 s: [    3.141...");
+  REQUIRE(msb::cli::boot_progress_text(progress, 20) == "booting x: 12 s");  // too little room
+  progress.console_line.clear();
+  REQUIRE(msb::cli::boot_progress_text(progress, 80) == "booting x: 12 s");
+  progress.console_line = "\x1b[2J\x1b[H\x1b]0;evil\x07";  // nothing shown of it
+  REQUIRE(msb::cli::boot_progress_text(progress, 80) == "booting x: 12 s");
+}
+
+TEST_CASE("the boot timeout fits the host unless MSB_BOOT_TIMEOUT says otherwise", "[cli]") {
+  using msb::core::boot_timeout;
+  using std::chrono::seconds;
+  REQUIRE(boot_timeout(nullptr, true) == seconds(60));
+  REQUIRE(boot_timeout("", true) == seconds(60));
+  // Without VMX/SVM guest kernel code is emulated: a Linux guest takes 20-60 s to boot.
+  REQUIRE(boot_timeout(nullptr, false) == seconds(300));
+  REQUIRE(boot_timeout("", false) == seconds(300));
+  REQUIRE(boot_timeout("7", true) == seconds(7));
+  REQUIRE(boot_timeout("7", false) == seconds(7));
+  REQUIRE(boot_timeout("1000", false) == seconds(1000));
+  for (const char* bad : {"0", "soon", "5s", "-1", " 5", "1.5", "99999999999"}) {
+    INFO(bad);
+    REQUIRE_THROWS_WITH(boot_timeout(bad, true),
+                        Catch::Contains("MSB_BOOT_TIMEOUT=") && Catch::Contains("positive number"));
+  }
 }

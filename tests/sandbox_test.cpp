@@ -2,6 +2,7 @@
 // detached VMM process; every check is on what a user sees (output, exit codes, files). Each test
 // exits 77 with the reason printed where /dev/kvm is missing.
 #include <fcntl.h>
+#include <pty.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -32,6 +33,86 @@ namespace {
 
 bool process_exists(int pid) {
   return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
+
+// The pids of running VMM processes (`msb __vmm DIR`) of sandbox `name` in msb's home.
+std::vector<int> vmm_processes(Msb& msb, const std::string& name) {
+  std::vector<int> out;
+  const std::string home = msb.home.path().filename().string();
+  const std::string tail = "/sandboxes/" + name + std::string(1, '\0');
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator("/proc", ec)) {
+    const std::string pid = entry.path().filename().string();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string cmdline = msb::test::read_text(entry.path() / "cmdline");
+    if (cmdline.find(std::string("__vmm") + '\0') != std::string::npos &&
+        cmdline.find(home) != std::string::npos && cmdline.find(tail) != std::string::npos) {
+      out.push_back(std::stoi(pid));
+    }
+  }
+  return out;
+}
+
+// A kernel that writes `text` to the serial console (COM1), then runs `then`.
+std::string serial_kernel(const std::string& text, const std::vector<uint8_t>& then) {
+  std::vector<uint8_t> code;
+  for (char c : text)
+    code.insert(code.end(), {0x66, 0xba, 0xf8, 0x03, 0xb0, uint8_t(c), 0xee});  // out 0x3f8, c
+  code.insert(code.end(), then.begin(), then.end());
+  return msb::test::tiny_kernel(code);
+}
+const std::vector<uint8_t> kSpin = {0xeb, 0xfe};  // jmp . : never ready
+// out 0x64, 0xfe: the i8042 reset, Linux's way to reboot after a panic with panic=-1 reboot=k.
+const std::vector<uint8_t> kReset = {0x66, 0xba, 0x64, 0x00, 0xb0, 0xfe, 0xee, 0xf4, 0xeb, 0xfd};
+
+// `msb ARGS...` with MSB_BOOT_TIMEOUT set.
+ProcessResult with_boot_timeout(Msb& msb, const std::string& seconds,
+                                std::vector<std::string> args) {
+  args.insert(args.begin(), MSB_BINARY);
+  return msb::test::run_process(
+      args, {{"MSB_HOME", msb.home.path().string()}, {"MSB_BOOT_TIMEOUT", seconds}});
+}
+
+std::string first_line(const std::string& text) {
+  return text.substr(0, text.find('\n'));
+}
+
+// `msb ARGS...` with its stdin, stdout and stderr on a terminal `columns` wide, as a user at a
+// terminal runs it; what the terminal received and the exit status.
+ProcessResult run_on_terminal(const std::vector<std::string>& args,
+                              const std::map<std::string, std::string>& env,
+                              unsigned short columns) {
+  winsize size{};
+  size.ws_row = 24;
+  size.ws_col = columns;
+  int terminal = -1;
+  pid_t pid = ::forkpty(&terminal, nullptr, nullptr, &size);
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    for (const auto& [key, value] : env)
+      ::setenv(key.c_str(), value.c_str(), 1);
+    std::vector<char*> argv = {const_cast<char*>(MSB_BINARY)};
+    for (const auto& arg : args)
+      argv.push_back(const_cast<char*>(arg.c_str()));
+    argv.push_back(nullptr);
+    ::execv(MSB_BINARY, argv.data());
+    ::_exit(127);
+  }
+  ProcessResult result;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(terminal, buf, sizeof buf);
+    if (n > 0) {
+      result.out.append(buf, static_cast<size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;  // EIO: msb exited, and nothing else has the terminal open
+    }
+  }
+  ::close(terminal);
+  result.exit_code = msb::test::wait_process(pid);
+  return result;
 }
 
 }  // namespace
@@ -219,7 +300,7 @@ TEST_CASE("a killed VMM is reported as failed and rm cleans it up", "[sandbox]")
   REQUIRE(msb.ls().empty());
 }
 
-TEST_CASE("a kernel that cannot boot fails create with the reason and leaves nothing",
+TEST_CASE("a kernel that cannot boot leaves its sandbox failed, with its logs, until msb rm",
           "[sandbox]") {
   Msb msb;
   TempDir files;
@@ -228,9 +309,186 @@ TEST_CASE("a kernel that cannot boot fails create with the reason and leaves not
   ProcessResult r = msb({"create", "box", "--kernel", not_a_kernel.string()});
   INFO(r.err);
   REQUIRE(r.exit_code == 1);
-  REQUIRE_THAT(r.err, Catch::StartsWith("msb: error: sandbox \"box\" did not start: vmm-error"));
+  REQUIRE_THAT(first_line(r.err),
+               Catch::StartsWith("msb: error: sandbox \"box\" did not boot: vmm-error: ") &&
+                   Catch::Contains("neither a bzImage nor an ELF") &&
+                   Catch::EndsWith(" (kept as failed: msb logs box; msb rm box)"));
+  REQUIRE_THAT(r.err, Catch::Contains("\n  (the console log is empty)"));
+  // stderr is no terminal: no progress line.
+  REQUIRE(r.err.find_first_of("\r\x1b") == std::string::npos);
+  REQUIRE(vmm_processes(msb, "box").empty());
+
+  auto ls = msb.ls();
+  REQUIRE(ls.size() == 1);
+  REQUIRE(ls[0]["name"] == "box");
+  REQUIRE(ls[0]["state"] == "failed");
+  REQUIRE(ls[0]["reason"] == "vmm-error");
+  REQUIRE_THAT(ls[0]["detail"].get<std::string>(), Catch::Contains("neither a bzImage nor an ELF"));
+  REQUIRE(ls[0]["pid"].is_null());
+  REQUIRE_THAT(msb({"ls"}).out, Catch::Contains("failed") && Catch::Contains("vmm-error"));
+  ProcessResult logs = msb({"logs", "box"});
+  require_ok(logs);
+  REQUIRE(logs.out == msb::test::read_text(msb.dir("box") / "console.log"));
+  REQUIRE_THAT(msb::test::read_text(msb.dir("box") / "vmm.log"),
+               Catch::Contains("vmm-error") && Catch::Contains("neither a bzImage nor an ELF"));
+  REQUIRE(fs::exists(msb.dir("box") / "exit.json"));
+
+  // The name stays taken until msb rm, which needs no --force for a failed sandbox.
+  require_error(msb({"create", "box", "--kernel", not_a_kernel.string()}),
+                "sandbox \"box\" already exists (failed: vmm-error; msb rm box removes it)");
+  require_ok(msb({"rm", "box"}));
   REQUIRE(msb.ls().empty());
   REQUIRE_FALSE(fs::exists(msb.dir("box")));
+}
+
+TEST_CASE("a guest that never answers times out, its VMM killed, its sandbox failed", "[sandbox]") {
+  Msb msb;
+  TempDir files;
+  fs::path kernel = files / "silent";
+  msb::test::write_text(kernel, serial_kernel("msb-test: up, but no agent\n", kSpin));
+  auto started = std::chrono::steady_clock::now();
+  ProcessResult r = with_boot_timeout(msb, "2", {"create", "box", "--kernel", kernel.string()});
+  INFO(r.err);
+  REQUIRE(r.exit_code == 1);
+  REQUIRE(std::chrono::steady_clock::now() - started < std::chrono::seconds(30));
+  REQUIRE_THAT(first_line(r.err),
+               Catch::StartsWith("msb: error: sandbox \"box\" did not boot: boot-timeout: ") &&
+                   Catch::Contains(" within 2 s") &&
+                   Catch::EndsWith(" (kept as failed: msb logs box; msb rm box)"));
+  REQUIRE_THAT(r.err, Catch::Contains("\nlast lines of the console log:\n"
+                                      "  msb: kernel command line: ") &&
+                          Catch::EndsWith("\n  msb-test: up, but no agent\n"));
+  REQUIRE(r.err.find_first_of("\r\x1b") == std::string::npos);  // no progress line
+
+  // The VMM was killed: its pid is gone, and no VMM of the sandbox runs.
+  const int pid = std::stoi(msb::test::read_text(msb.dir("box") / "pid"));
+  REQUIRE_FALSE(process_exists(pid));
+  REQUIRE(vmm_processes(msb, "box").empty());
+  auto ls = msb.ls();
+  REQUIRE(ls.size() == 1);
+  REQUIRE(ls[0]["state"] == "failed");
+  REQUIRE(ls[0]["reason"] == "boot-timeout");
+  REQUIRE_THAT(ls[0]["detail"].get<std::string>(), Catch::Contains("within 2 s"));
+  REQUIRE_THAT(msb({"ls"}).out, Catch::Contains("failed") && Catch::Contains("boot-timeout"));
+  ProcessResult logs = msb({"logs", "box"});
+  require_ok(logs);
+  REQUIRE_THAT(logs.out, Catch::StartsWith("msb: kernel command line: ") &&
+                             Catch::EndsWith("\nmsb-test: up, but no agent\n"));
+
+  // A start that fails the same way leaves it failed too.
+  r = with_boot_timeout(msb, "1", {"start", "box"});
+  REQUIRE_THAT(first_line(r.err),
+               Catch::StartsWith("msb: error: sandbox \"box\" did not boot: boot-timeout: ") &&
+                   Catch::EndsWith(" (kept as failed: msb logs box; msb rm box)"));
+  REQUIRE(vmm_processes(msb, "box").empty());
+  REQUIRE(msb.ls()[0]["state"] == "failed");
+  REQUIRE(msb.ls()[0]["reason"] == "boot-timeout");
+  require_ok(msb({"rm", "box"}));
+  REQUIRE(msb.ls().empty());
+}
+
+TEST_CASE("a guest that powers off while it boots (a kernel panic) leaves its sandbox failed",
+          "[sandbox]") {
+  Msb msb;
+  TempDir files;
+  fs::path kernel = files / "panics";
+  msb::test::write_text(kernel, serial_kernel("Kernel panic - not syncing: msb test\n", kReset));
+  ProcessResult r = msb({"create", "box", "--kernel", kernel.string()});
+  INFO(r.err);
+  REQUIRE(r.exit_code == 1);
+  REQUIRE_THAT(first_line(r.err),
+               Catch::StartsWith("msb: error: sandbox \"box\" did not boot: boot-failed: the "
+                                 "guest powered off before its agent answered") &&
+                   Catch::EndsWith(" (kept as failed: msb logs box; msb rm box)"));
+  REQUIRE_THAT(r.err, Catch::Contains("\n  Kernel panic - not syncing: msb test"));
+  REQUIRE(vmm_processes(msb, "box").empty());
+  auto ls = msb.ls();
+  REQUIRE(ls[0]["state"] == "failed");
+  REQUIRE(ls[0]["reason"] == "boot-failed");
+  // The VMM's first line, then the guest's.
+  REQUIRE_THAT(msb({"logs", "box"}).out,
+               Catch::StartsWith("msb: kernel command line: ") &&
+                   Catch::EndsWith("\nKernel panic - not syncing: msb test\n"));
+  require_ok(msb({"rm", "box"}));
+  REQUIRE(msb.ls().empty());
+}
+
+TEST_CASE("msb run whose guest does not boot says why and leaves nothing", "[sandbox]") {
+  Msb msb;
+  TempDir files;
+  fs::path not_a_kernel = files / "not-a-kernel";
+  msb::test::write_text(not_a_kernel, std::string(4096, 'x'));
+  fs::path silent = files / "silent";
+  msb::test::write_text(silent, serial_kernel("msb-test: up, but no agent\n", kSpin));
+
+  ProcessResult r = msb({"run", "--kernel", not_a_kernel.string(), "--", "echo", "hi"});
+  INFO(r.err);
+  REQUIRE(r.exit_code == 1);
+  REQUIRE_THAT(first_line(r.err), Catch::StartsWith("msb: error: sandbox \"run-") &&
+                                      Catch::Contains("\" did not boot: vmm-error: "));
+  REQUIRE_THAT(r.err, !Catch::Contains("kept"));
+
+  r = with_boot_timeout(msb, "1",
+                        {"run", "--name", "once", "--kernel", silent.string(), "--", "echo", "hi"});
+  INFO(r.err);
+  REQUIRE(r.exit_code == 1);
+  REQUIRE_THAT(first_line(r.err),
+               Catch::StartsWith("msb: error: sandbox \"once\" did not boot: boot-timeout: "));
+  REQUIRE_THAT(r.err,
+               !Catch::Contains("kept") && Catch::Contains("\n  msb-test: up, but no agent"));
+  REQUIRE(vmm_processes(msb, "once").empty());
+
+  REQUIRE(msb.ls().empty());
+  REQUIRE(fs::is_empty(msb.home / "sandboxes"));  // not even a folder being removed
+}
+
+TEST_CASE("a slow boot shows one progress line on a terminal", "[sandbox]") {
+  Msb msb;
+  TempDir files;
+  fs::path kernel = files / "silent";
+  // The guest's output is untrusted: escape sequences and control characters never reach the
+  // terminal, and the line is cut to the terminal's width.
+  const std::string text = "[    0.000] slow\tboot " + std::string(100, 'x');
+  msb::test::write_text(kernel, serial_kernel("\x1b]0;title\x07\x1b[31m" + text + "\r\n", kSpin));
+  ProcessResult r =
+      run_on_terminal({"create", "box", "--kernel", kernel.string()},
+                      {{"MSB_HOME", msb.home.path().string()}, {"MSB_BOOT_TIMEOUT", "3"}}, 100);
+  INFO(r.out);
+  REQUIRE(r.exit_code == 1);
+  // Each redraw erases the line first; every one fits in the terminal's 100 columns less one.
+  std::vector<std::string> lines;
+  for (size_t at = r.out.find("\r\x1b[K"); at != std::string::npos;) {
+    size_t next = r.out.find("\r\x1b[K", at + 4);
+    lines.push_back(r.out.substr(at + 4, next == std::string::npos ? next : next - at - 4));
+    at = next;
+  }
+  REQUIRE(lines.size() >= 2);
+  REQUIRE_THAT(lines[0], Catch::StartsWith("booting box: 1 s"));  // after a second, not before
+  bool cut_line_shown = false;
+  for (const char* seconds : {"1", "2"}) {
+    const std::string full = std::string("booting box: ") + seconds + " s: [    0.000] slow boot " +
+                             std::string(100, 'x');
+    for (const auto& line : lines)
+      cut_line_shown = cut_line_shown || line == full.substr(0, 96) + "...";
+  }
+  REQUIRE(cut_line_shown);
+  for (size_t i = 0; i + 1 < lines.size(); ++i)
+    REQUIRE(lines[i].size() <= 99);
+  // Cleared before the error.
+  REQUIRE_THAT(r.out, Catch::Contains("\r\x1b[Kmsb: error: sandbox \"box\" did not boot: "));
+  // The only escape sequence on the terminal is msb's own "erase the line".
+  for (size_t at = r.out.find('\x1b'); at != std::string::npos; at = r.out.find('\x1b', at + 1)) {
+    INFO(at);
+    REQUIRE(r.out.compare(at, 3, "\x1b[K") == 0);
+  }
+  require_ok(msb({"rm", "box"}));
+
+  // --quiet: no progress line.
+  r = run_on_terminal({"--quiet", "create", "box", "--kernel", kernel.string()},
+                      {{"MSB_HOME", msb.home.path().string()}, {"MSB_BOOT_TIMEOUT", "2"}}, 100);
+  REQUIRE(r.exit_code == 1);
+  REQUIRE_THAT(r.out, Catch::StartsWith("msb: error: sandbox \"box\" did not boot: "));
+  REQUIRE(r.out.find("booting") == std::string::npos);
 }
 
 TEST_CASE("an interrupted create stops its VMM and leaves nothing", "[sandbox]") {
