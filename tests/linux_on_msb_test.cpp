@@ -1,15 +1,24 @@
-// The linux-on-msb tier: the seed's walk-through (shared/seed/snapshots-design.md) with Debian's
-// cloud kernel, msb's initramfs and agent, and an image, all on msb itself: create, exec,
-// snapshot, resume, save-named, restore 10 forks, restore with overrides, list, remove.
+// The linux-on-msb tier: the seed's walk-through (shared/seed/snapshots-design.md) with msb's own
+// guest kernel (scripts/build-guest-kernel), msb's initramfs and agent, and an image, all on msb
+// itself: create, exec, snapshot, resume, save-named, restore 10 forks, restore with overrides,
+// list, remove; and a Linux guest's power-off, stop and start.
 //
-// It needs hardware virtualization (vmx or svm in /proc/cpuinfo). Elsewhere, as on nested PVM
-// hosts where guest kernel code is emulated instruction by instruction, Linux cannot boot in
-// useful time, and the test skips saying so (shared/environment.md).
+// It needs /dev/kvm. With hardware virtualization (VMX/SVM) the guest runs natively; on nested
+// PVM hosts its kernel code is emulated, slowly but completely (docs/linux-guests.md): the boot
+// takes 20-30 s there and the tier some minutes. Where /dev/kvm is missing it skips, saying so.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -24,37 +33,24 @@ namespace fs = std::filesystem;
 
 namespace {
 
-bool cpu_has_hardware_virtualization() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(cpuinfo, line)) {
-    if (line.rfind("flags", 0) != 0) continue;
-    line += ' ';
-    if (line.find(" vmx ") != std::string::npos || line.find(" svm ") != std::string::npos) {
-      return true;
-    }
-  }
-  return false;
-}
-
-// A private $MSB_HOME with Debian's kernel installed as "debian-cloud" (a link to the one
-// scripts/fetch-linux-kernel unpacked for the tests), or a skip with the reason.
+// A private $MSB_HOME with msb's kernel installed as "msb" (a link to the one
+// scripts/build-guest-kernel put where the tests look), or a skip with the reason.
 void install_kernel_or_skip(Msb& msb) {
-  if (!cpu_has_hardware_virtualization()) {
-    std::printf(
-        "SKIPPED: /proc/cpuinfo shows neither vmx nor svm: without hardware virtualization guest "
-        "kernel code is emulated and Linux cannot boot on msb in useful time\n");
+  const int kvm = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  if (kvm < 0) {
+    std::printf("SKIPPED: /dev/kvm cannot be opened (%s): msb needs KVM to run Linux\n",
+                std::strerror(errno));
     std::exit(77);
   }
-  const fs::path kernel = MSB_LINUX_KERNEL_DIR;
-  if (!fs::exists(kernel / "vmlinuz") || !fs::is_directory(kernel / "lib" / "modules")) {
-    std::printf(
-        "SKIPPED: no Debian cloud kernel in %s (scripts/fetch-linux-kernel puts it there)\n",
-        kernel.c_str());
+  ::close(kvm);
+  const fs::path kernel = MSB_GUEST_KERNEL_DIR;
+  if (!fs::exists(kernel / "vmlinux")) {
+    std::printf("SKIPPED: msb's kernel is not in %s (scripts/build-guest-kernel puts it there)\n",
+                kernel.c_str());
     std::exit(77);
   }
   fs::create_directories(msb.home / "kernels");
-  fs::create_directory_symlink(kernel, msb.home / "kernels" / "debian-cloud");
+  fs::create_directory_symlink(kernel, msb.home / "kernels" / "msb");
 }
 
 std::string state_of(Msb& msb, const std::string& name) {
@@ -75,15 +71,14 @@ TEST_CASE("the seed's walk-through runs with Linux on msb", "[linux-on-msb]") {
   Msb msb;
   install_kernel_or_skip(msb);
 
-  // Without --kernel, a host with VMX/SVM and an installed kernel boots Linux, on the default
-  // busybox image.
+  // Without --kernel, msb's kernel boots, on the default busybox image.
   require_ok(msb({"create", "base", "--cpus", "1", "--max-cpus", "2", "--memory", "512",
                   "--max-memory", "1024", "--env", "STAGE=base"}));
   nlohmann::json boxes = msb.ls();
   REQUIRE(boxes.size() == 1);
-  REQUIRE(boxes[0].at("kernel") == "debian-cloud");
+  REQUIRE(boxes[0].at("kernel") == "msb");
   REQUIRE(boxes[0].at("image") == "busybox:latest");
-  REQUIRE_THAT(msb.exec_in("base", {"uname", "-r"}), Catch::Contains("cloud-amd64"));
+  REQUIRE_THAT(msb.exec_in("base", {"uname", "-r"}), Catch::StartsWith("6.1."));
   REQUIRE_THAT(msb.exec_in("base", {"cat", "/proc/mounts"}), Catch::Contains("/dev/vda / ext4"));
   REQUIRE(msb.exec_in("base", {"hostname"}) == "base\n");
   REQUIRE(msb.exec_in("base", {"sh", "-c", "echo $STAGE"}) == "base\n");
@@ -105,6 +100,16 @@ TEST_CASE("the seed's walk-through runs with Linux on msb", "[linux-on-msb]") {
   require_ok(msb({"resume", "base"}));
   REQUIRE(msb.exec_in("base", {"cat", "/root/marker"}) == "installed\n");
   require_ok(msb({"snapshot", "save-named", handle, "ready"}));
+
+  // A second snapshot of the running guest stores only what changed since the first.
+  msb.exec_in("base", {"sh", "-c", "head -c 1048576 /dev/urandom > /root/delta && sync"});
+  nlohmann::json second =
+      nlohmann::json::parse(msb({"snapshot", "create", "base", "--resume", "--json"}).out);
+  REQUIRE(second.at("parent") == handle);
+  // Incremental: only the chunks the guest dirtied were read and stored.
+  REQUIRE(second.at("memory_chunks_read").get<uint64_t>() * 4 <
+          second.at("memory_chunks").get<uint64_t>());
+  REQUIRE(second.at("stored_bytes").get<uint64_t>() < (64u << 20));
 
   ProcessResult forks = msb({"restore", "ready", "--name", "f", "--fork", "10"});
   require_ok(forks);
@@ -131,7 +136,14 @@ TEST_CASE("the seed's walk-through runs with Linux on msb", "[linux-on-msb]") {
                   "STAGE=big"}));
   REQUIRE(msb.exec_in("big", {"nproc"}) == "2\n");
   REQUIRE(msb.exec_in("big", {"sh", "-c", "echo $STAGE"}) == "big\n");
+  // The balloon deflates from the snapshot's 512 MiB to the grant: MemTotal grows past what the
+  // snapshot had (the agent answers before the balloon is done; wait for it).
   uint64_t big_mem = mem_total_mib(msb, "big");
+  for (int i = 0; i < 120 && big_mem <= 600; ++i) {
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    big_mem = mem_total_mib(msb, "big");
+  }
+  REQUIRE(big_mem > 600);
   REQUIRE(big_mem <= 768);
   require_ok(msb({"restore", "ready", "--name", "small", "--memory", "384"}));
   REQUIRE(mem_total_mib(msb, "small") <= 384);
@@ -146,4 +158,53 @@ TEST_CASE("the seed's walk-through runs with Linux on msb", "[linux-on-msb]") {
   REQUIRE(msb.ls().empty());
   require_ok(msb({"snapshot", "rm", "ready"}));
   require_ok(msb({"store", "gc"}));
+}
+
+TEST_CASE("a Linux guest on msb: exec semantics, concurrent execs, power-off, stop and start",
+          "[linux-on-msb]") {
+  Msb msb;
+  install_kernel_or_skip(msb);
+  require_ok(msb({"create", "box", "--cpus", "2", "--memory", "256"}));
+
+  // Exec semantics: exit codes, signals, stdin and stdout sizes, env, user, workdir, timeout.
+  REQUIRE(msb({"exec", "box", "--", "sh", "-c", "exit 42"}).exit_code == 42);
+  REQUIRE(msb({"exec", "box", "--", "sh", "-c", "kill -KILL $$"}).exit_code == 128 + 9);
+  REQUIRE(msb({"exec", "box", "--", "no-such-command"}).exit_code == 127);
+  const std::string big(4 << 20, 'y');
+  REQUIRE(msb.exec_in("box", {"md5sum"}, big) ==
+          msb::test::run_process({"md5sum"}, {}, big).out.substr(0, 32) + "  -\n");
+  REQUIRE(msb.exec_in("box", {"sh", "-c", "head -c 8388608 /dev/zero | wc -c"}) == "8388608\n");
+  REQUIRE(msb({"exec", "box", "--env", "K=v", "--", "sh", "-c", "echo $K"}).out == "v\n");
+  REQUIRE(msb({"exec", "box", "--user", "1000:1000", "--", "id", "-g"}).out == "1000\n");
+  REQUIRE(msb({"exec", "box", "--workdir", "/tmp", "--", "pwd"}).out == "/tmp\n");
+  const auto started = std::chrono::steady_clock::now();
+  REQUIRE(msb({"exec", "box", "--timeout", "2", "--", "sleep", "60"}).exit_code == 124);
+  REQUIRE(std::chrono::steady_clock::now() - started < std::chrono::seconds(30));
+
+  // Concurrent execs each get their own output and status.
+  std::vector<ProcessResult> results(4);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = msb({"exec", "box", "--", "sh", "-c",
+                        "sleep 2; echo run-" + std::to_string(i) + "; exit " + std::to_string(i)});
+    });
+  }
+  for (auto& thread : threads)
+    thread.join();
+  for (int i = 0; i < 4; ++i) {
+    REQUIRE(results[i].exit_code == i);
+    REQUIRE(results[i].out == "run-" + std::to_string(i) + "\n");
+  }
+
+  // msb stop powers the guest off through ACPI S5: it stops by itself, well before msb would
+  // kill it, and the disk's data survives into the next boot.
+  msb.exec_in("box", {"sh", "-c", "echo kept > /root/data && sync"});
+  require_ok(msb({"stop", "--timeout", "60", "box"}));
+  nlohmann::json boxes = msb.ls();
+  REQUIRE(boxes[0].at("state") == "stopped");
+  REQUIRE(boxes[0].at("reason") == "powered-off");
+  require_ok(msb({"start", "box"}));
+  REQUIRE(msb.exec_in("box", {"cat", "/root/data"}) == "kept\n");
+  require_ok(msb({"rm", "--force", "box"}));
 }
