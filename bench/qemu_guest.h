@@ -434,7 +434,10 @@ inline std::string machine_line() {
   }
   utsname u{};
   ::uname(&u);
-  std::string kvm = std::filesystem::exists("/sys/module/kvm_pvm")
+  // kvm_pvm is built into some kernels that are PVM guests themselves, which then offer no
+  // /dev/kvm at all.
+  std::string kvm = !std::filesystem::exists("/dev/kvm") ? "no /dev/kvm"
+                    : std::filesystem::exists("/sys/module/kvm_pvm")
                         ? "KVM is nested PVM (kvm_pvm): guest CPL0 and real mode are emulated"
                         : (vmx_or_svm ? "KVM with VMX/SVM" : "KVM kind unknown");
   return strf("%s, %ld CPUs, Linux %s; %s", model.c_str(), ::sysconf(_SC_NPROCESSORS_ONLN),
