@@ -68,42 +68,6 @@ const char* reason_name(vmm::MachineExit::Reason reason) {
   return "unknown";
 }
 
-vmm::MachineConfig machine_config(const nlohmann::json& config, int console_fd, int agent_fd) {
-  vmm::MachineConfig machine;
-  machine.kernel_path = config.at("kernel").get<std::string>();
-  machine.initrd_path = config.value("initrd", std::string());
-  machine.cmdline = config.value("cmdline", std::string());
-  machine.cpus = config.at("cpus").get<unsigned>();
-  machine.max_cpus = config.at("max_cpus").get<unsigned>();
-  machine.memory_mib = config.at("memory_mib").get<uint64_t>();
-  machine.max_memory_mib = config.at("max_memory_mib").get<uint64_t>();
-  machine.disk_base_path = config.value("disk", std::string());
-  machine.disk_overlay_path = std::filesystem::absolute("disk.overlay").string();
-  machine.disk_size = config.value("disk_size_mib", uint64_t{1024}) << 20;
-  // A Linux guest (msb's agent loads the balloon driver at boot) sees RAM up to the ceiling with
-  // the balloon holding what is above --memory, and learns the sandbox's name for its hostname.
-  // Its devices are described by ACPI alone: a kernel that also reads virtio_mmio.device=
-  // would probe each device twice and fail the second time. Where this host emulates kernel
-  // mode, msb adds the options that make Linux run there (core/guest_cmdline.h).
-  if (config.value("linux", false)) {
-    machine.balloon_holds_excess = true;
-    machine.virtio_on_cmdline = false;
-    machine.cmdline += " msb.hostname=" + config.at("name").get<std::string>();
-    machine.cmdline = cmdline_for_host(machine.cmdline, !host_has_hardware_virtualization());
-  }
-  machine.console_log_fd = console_fd;
-  machine.agent_fd = agent_fd;
-  // A sandbox restored from a snapshot keeps that snapshot's disk delta under its overlay, for
-  // every later boot too; the first start continues the snapshot's RAM.
-  if (config.contains("restore")) {
-    std::filesystem::path cache = config["restore"].at("cache").get<std::string>();
-    if (std::filesystem::exists(cache / "disk"))
-      machine.disk_layer_path = (cache / "disk").string();
-    machine.memory_path = (cache / "memory").string();
-  }
-  return machine;
-}
-
 // The kRestore frame's payload: what a restored guest must learn before its first exec.
 std::string restore_payload(const nlohmann::json& config) {
   agent::RestorePayload payload{};
@@ -132,6 +96,43 @@ bool restoring(const nlohmann::json& config) {
 }
 
 }  // namespace
+
+vmm::MachineConfig machine_config(const nlohmann::json& config, int console_fd, int agent_fd,
+                                  bool kernel_mode_emulated) {
+  vmm::MachineConfig machine;
+  machine.kernel_path = config.at("kernel").get<std::string>();
+  machine.initrd_path = config.value("initrd", std::string());
+  machine.cmdline = config.value("cmdline", std::string());
+  machine.cpus = config.at("cpus").get<unsigned>();
+  machine.max_cpus = config.at("max_cpus").get<unsigned>();
+  machine.memory_mib = config.at("memory_mib").get<uint64_t>();
+  machine.max_memory_mib = config.at("max_memory_mib").get<uint64_t>();
+  machine.disk_base_path = config.value("disk", std::string());
+  machine.disk_overlay_path = std::filesystem::absolute("disk.overlay").string();
+  machine.disk_size = config.value("disk_size_mib", uint64_t{1024}) << 20;
+  // A Linux guest (msb's agent loads the balloon driver at boot) sees RAM up to the ceiling with
+  // the balloon holding what is above --memory, and learns the sandbox's name for its hostname.
+  // Its devices are described by ACPI alone: a kernel that also reads virtio_mmio.device=
+  // would probe each device twice and fail the second time. Where this host emulates kernel
+  // mode, msb adds the options that make Linux run there (core/guest_cmdline.h).
+  if (config.value("linux", false)) {
+    machine.balloon_holds_excess = true;
+    machine.virtio_on_cmdline = false;
+    machine.cmdline += " msb.hostname=" + config.at("name").get<std::string>();
+    machine.cmdline = cmdline_for_host(machine.cmdline, kernel_mode_emulated);
+  }
+  machine.console_log_fd = console_fd;
+  machine.agent_fd = agent_fd;
+  // A sandbox restored from a snapshot keeps that snapshot's disk delta under its overlay, for
+  // every later boot too; the first start continues the snapshot's RAM.
+  if (config.contains("restore")) {
+    std::filesystem::path cache = config["restore"].at("cache").get<std::string>();
+    if (std::filesystem::exists(cache / "disk"))
+      machine.disk_layer_path = (cache / "disk").string();
+    machine.memory_path = (cache / "memory").string();
+  }
+  return machine;
+}
 
 int run_vmm_process(const std::filesystem::path& dir) {
   ::signal(SIGPIPE, SIG_IGN);
@@ -167,7 +168,8 @@ int run_vmm_process(const std::filesystem::path& dir) {
     }
     agent_host.reset(pair[0]);
     agent_guest.reset(pair[1]);
-    auto machine_settings = machine_config(config, console.get(), agent_guest.get());
+    auto machine_settings = machine_config(config, console.get(), agent_guest.get(),
+                                           !host_has_hardware_virtualization());
     if (restoring(config)) {
       std::filesystem::path cache = config["restore"].at("cache").get<std::string>();
       nlohmann::json state_doc = nlohmann::json::parse(snapstore::read_file(cache / "state.json"));

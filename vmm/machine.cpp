@@ -455,16 +455,7 @@ void MachineImpl::load_guest() {
     throw VmmError(std::string("ACPI tables: ") + e.what());
   }
 
-  // Kernels built with VIRTIO_MMIO_CMDLINE_DEVICES, and msb's test guest, find the devices here
-  // rather than in the DSDT.
-  std::string cmdline = config_.cmdline;
-  for (const auto& device : virtio_layout_) {
-    if (!config_.virtio_on_cmdline) break;
-    if (!cmdline.empty()) cmdline += ' ';
-    cmdline +=
-        "virtio_mmio.device=4K@" + hex_address(device.base) + ":" + std::to_string(device.gsi);
-  }
-  cmdline += " msb.cpus=" + std::to_string(config_.cpus);
+  const std::string cmdline = boot_cmdline(config_, virtio_layout_);
   kernel_cmdline_ = cmdline;
 
   boot::BootConfig boot_config;
@@ -775,6 +766,21 @@ std::unique_ptr<Machine> Machine::create(const MachineConfig& config) {
 
 std::unique_ptr<Machine> Machine::restore(const MachineConfig& config, const MachineState& state) {
   return std::make_unique<MachineImpl>(config, &state);
+}
+
+std::string boot_cmdline(const MachineConfig& config,
+                         std::span<const acpi::VirtioMmioDevice> virtio) {
+  // Kernels built with VIRTIO_MMIO_CMDLINE_DEVICES, and msb's test guest, find the devices here
+  // rather than in the DSDT.
+  std::string cmdline = config.cmdline;
+  for (const auto& device : virtio) {
+    if (!config.virtio_on_cmdline) break;
+    if (!cmdline.empty()) cmdline += ' ';
+    cmdline +=
+        "virtio_mmio.device=4K@" + hex_address(device.base) + ":" + std::to_string(device.gsi);
+  }
+  cmdline += " msb.cpus=" + std::to_string(config.cpus);
+  return cmdline;
 }
 
 }  // namespace msb::vmm

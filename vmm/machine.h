@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "vmm/acpi.h"
 #include "vmm/machine_state.h"
 
 namespace msb::vmm {
@@ -61,6 +62,11 @@ struct MachineConfig {
                             // machines restored from it share its page-cache pages until
                             // they write); the file itself never changes
 };
+
+// The kernel command line a machine boots with: config.cmdline, the virtio-mmio devices as
+// virtio_mmio.device=4K@BASE:GSI (unless config.virtio_on_cmdline is off), then msb.cpus=N.
+std::string boot_cmdline(const MachineConfig& config,
+                         std::span<const acpi::VirtioMmioDevice> virtio);
 
 // The balloon as the guest's driver left it (vmm/virtio/balloon.h), in 4 KiB pages.
 struct BalloonStatus {
