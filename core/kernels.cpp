@@ -1,13 +1,12 @@
 #include "core/kernels.h"
 
 #include <algorithm>
-#include <fstream>
 #include <optional>
-#include <sstream>
 #include <vector>
 
 #include "core/sandbox.h"
 #include "snapstore/name.h"
+#include "vmm/hypercall_probe.h"
 
 namespace msb::core {
 namespace fs = std::filesystem;
@@ -113,18 +112,7 @@ std::vector<std::string> installed_kernels(const Home& home) {
 }
 
 bool host_has_hardware_virtualization() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    const size_t colon = line.find(':');
-    if (!line.starts_with("flags") || colon == std::string::npos) continue;
-    std::istringstream words(line.substr(colon + 1));
-    std::string flag;
-    while (words >> flag) {
-      if (flag == "vmx" || flag == "svm") return true;
-    }
-  }
-  return false;
+  return vmm::hypercall_probe::hardware_virtualization();
 }
 
 std::string default_kernel(const Home& home, std::string* why) {
