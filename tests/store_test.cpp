@@ -47,6 +47,16 @@ std::unique_ptr<Store> open_exclusive(const fs::path& root, int timeout_ms = 300
   return Store::open(root, options);
 }
 
+// How many of this process's descriptors are open on `path`.
+int open_descriptors(const fs::path& path) {
+  int n = 0;
+  for (const auto& fd : fs::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    if (fs::read_symlink(fd.path(), ec) == path) ++n;
+  }
+  return n;
+}
+
 // Stores `data` as a named manifest, as msb does for a snapshot or a file.
 Hash128 put_named(Store& store, const std::string& name, std::span<const std::byte> data) {
   Manifest m;
@@ -248,24 +258,45 @@ TEST_CASE("verify reports missing chunks, damaged manifests and dangling names",
   auto store = Store::open(dir / "store");
   Hash128 a = put_named(*store, "a", random_bytes(1, 2 * kDefaultChunkSize));
   Hash128 b = put_named(*store, "b", random_bytes(2, kDefaultChunkSize));
+  Hash128 gone = put_named(*store, "gone", random_bytes(3, kDefaultChunkSize));
+  Manifest parent;
+  parent.manifests.push_back(gone);
+  Hash128 p = store->put_manifest(parent);
+  store->set_name("parent", p);
   REQUIRE(store->verify().ok());
 
-  Hash128 missing = *store->get_manifest(a).objects.at("data").chunks[0];
+  // A chunk that manifest a (still there) references; b damaged; gone's manifest removed while a
+  // name and a parent manifest still point at it.
+  Hash128 missing = *store->get_manifest(a).objects.at("data").chunks[1];
   fs::remove(store->chunk_path(missing));
   flip_byte(store->manifest_path(b), 5);
-  store->set_name("c", a);
-  fs::remove(store->manifest_path(a));
+  fs::remove(store->manifest_path(gone));
 
   VerifyReport report = store->verify();
   std::string all;
-  for (const auto& p : report.problems)
-    all += p + "\n";
+  for (const auto& problem : report.problems)
+    all += problem + "\n";
   INFO(all);
-  REQUIRE_THAT(all, Catch::Contains("manifest " + b.hex() + " is corrupt"));
-  REQUIRE_THAT(all, Catch::Contains("name \"a\" points to manifest " + a.hex()));
-  REQUIRE_THAT(all, Catch::Contains("name \"c\" points to manifest " + a.hex()));
+  CHECK_FALSE(report.ok());
+  CHECK_THAT(all, Catch::Contains("manifest " + a.hex() + " (object \"data\") references chunk " +
+                                  missing.hex() + ", which is missing"));
+  CHECK_THAT(all, Catch::Contains("manifest " + b.hex() + " is corrupt"));
+  CHECK_THAT(all, Catch::Contains("manifest " + p.hex() + " references manifest " + gone.hex() +
+                                  ", which is missing"));
+  CHECK_THAT(all, Catch::Contains("name \"gone\" points to manifest " + gone.hex() +
+                                  ", which is missing"));
+  CHECK(report.problems.size() == 4);  // and nothing else: a and its other chunk are fine
   REQUIRE_THROWS_WITH(store->get_chunk(missing),
                       Catch::Contains(missing.hex()) && Catch::Contains("missing"));
+
+  // A name whose manifest is gone, as it reads once more.
+  store->set_name("c", a);
+  fs::remove(store->manifest_path(a));
+  all.clear();
+  for (const auto& problem : store->verify().problems)
+    all += problem + "\n";
+  CHECK_THAT(all, Catch::Contains("name \"a\" points to manifest " + a.hex()));
+  CHECK_THAT(all, Catch::Contains("name \"c\" points to manifest " + a.hex()));
 }
 
 TEST_CASE("manifests, names and their rules", "[store]") {
@@ -423,14 +454,22 @@ TEST_CASE("gc waits for a writer that is about to reference existing chunks", "[
   // The writer finds every chunk already stored (dedup) and has not yet named its manifest.
   auto writer = Store::open(root);
   ObjectRef ref = writer->put_object(data);
+  // gc cannot start while the writer has the store open: it gives up after its lock timeout.
+  REQUIRE_THROWS_WITH(open_exclusive(root, 100), Catch::Contains("in use by other msb processes"));
+  // One that waits longer has opened the store's lock (a second descriptor in this process) and is
+  // polling it, not merely unscheduled, when the writer finishes.
+  REQUIRE(open_descriptors(root / "lock") == 1);
   std::atomic<bool> gc_done{false};
   std::thread gc([&] {
-    auto store = open_exclusive(root);
+    auto store = open_exclusive(root, 120000);
     store->gc(false);
     gc_done = true;
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  REQUIRE_FALSE(gc_done);  // blocked by the writer's open store
+  for (auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+       open_descriptors(root / "lock") < 2 && std::chrono::steady_clock::now() < deadline;)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  REQUIRE(open_descriptors(root / "lock") == 2);
+  REQUIRE_FALSE(gc_done);
   Manifest m;
   m.objects.emplace("data", ref);
   writer->set_name("new", writer->put_manifest(m));
