@@ -356,4 +356,47 @@ TEST_CASE_METHOD(BalloonRig, "the balloon's state round-trips through the machin
                     Catch::Contains("not an object"));
 }
 
+TEST_CASE_METHOD(BalloonRig, "a target set after a restore interrupts the restored driver",
+                 "[devices][virtio][balloon]") {
+  // The driver holds what the target asked for, and has acked the change.
+  init();
+  balloon->set_target_pages(512);
+  driver->write32(0x104, 512);
+  driver->write32(0x064, kInterruptConfigChange);
+  irq.take_count();
+
+  // A restored machine: the state into a fresh device behind a fresh transport, then the target
+  // of the memory the restore grants, which the VMM sets before the machine runs.
+  auto fresh = std::make_unique<VirtioBalloon>();
+  VirtioBalloon* restored = fresh.get();
+  VirtioMmioTransport other(std::move(fresh), guest.memory, loop, irq);
+  restored->restore(balloon->state());
+  other.restore(transport->save(), transport->save_queues(), transport->interrupt_status(),
+                transport->config_generation());
+  irq.take_count();
+  auto read32 = [&](uint64_t offset) {
+    uint32_t value = 0;
+    other.read(offset, std::as_writable_bytes(std::span(&value, 1)));
+    return value;
+  };
+  const uint32_t generation = read32(0x0fc);
+  restored->set_target_pages(128);
+  CHECK(irq.take_count() == 1);
+  CHECK((read32(0x060) & kInterruptConfigChange) != 0);
+  CHECK(read32(0x0fc) != generation);
+  CHECK(read32(0x100) == 128);
+  CHECK(read32(0x104) == 512);  // the driver's, until it moves
+  CHECK(restored->state().num_pages == 128);
+  // The snapshot's own target again (a restore that keeps its memory) is no change.
+  auto same = std::make_unique<VirtioBalloon>();
+  VirtioBalloon* kept = same.get();
+  VirtioMmioTransport third(std::move(same), guest.memory, loop, irq);
+  kept->restore(balloon->state());
+  third.restore(transport->save(), transport->save_queues(), transport->interrupt_status(),
+                transport->config_generation());
+  irq.take_count();
+  kept->set_target_pages(512);
+  CHECK(irq.take_count() == 0);
+}
+
 }  // namespace

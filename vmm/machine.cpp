@@ -740,7 +740,7 @@ void MachineImpl::set_balloon_target_mib(uint64_t mib) {
 
 BalloonStatus MachineImpl::balloon() const {
   const virtio::BalloonState state = balloon_->state();
-  return {state.num_pages, state.actual};
+  return {state.num_pages, state.actual, e820_ram_mib()};
 }
 
 void MachineImpl::stop() {

@@ -72,6 +72,7 @@ std::string boot_cmdline(const MachineConfig& config,
 struct BalloonStatus {
   uint32_t target_pages = 0;  // what the host asked for (set_balloon_target_mib)
   uint32_t actual_pages = 0;  // what the driver says it holds; 0 without a driver
+  uint64_t ram_mib = 0;       // the RAM the e820 map describes, which the balloon takes from
 };
 
 // Why a machine stopped.
@@ -147,7 +148,7 @@ class Machine {
   // of it through a configuration-change interrupt; it inflates (its MemTotal shrinks, the
   // host frees the pages) or deflates towards it in its own time. Safe from any thread, also
   // before start() and while paused (the guest then acts on resume). A guest without a balloon
-  // driver (the test guest) ignores it.
+  // driver ignores it (Linux with msb's agent and msb's test guest have one).
   virtual void set_balloon_target_mib(uint64_t mib) = 0;
   // The command line the kernel was booted with, all of it (config.cmdline and what msb
   // appended); "" for a restored machine, which boots nothing.

@@ -1,5 +1,5 @@
-// The test guest's agent: runs at CPL3 (native speed on msb's host), drives the virtio console
-// and block devices by polling after each interrupt, and speaks the agent protocol.
+// The test guest's agent: runs at CPL3 (native speed on msb's host), drives the virtio console,
+// block and balloon devices by polling after each interrupt, and speaks the agent protocol.
 #include "../protocol/agent_protocol.h"
 #include "../protocol/pattern.h"
 #include "common.h"
@@ -15,6 +15,7 @@ namespace agent = msb::agent;
 constexpr uint32_t kDeviceBlock = 2;
 constexpr uint32_t kDeviceConsole = 3;
 constexpr uint32_t kDeviceRng = 4;
+constexpr uint32_t kDeviceBalloon = 5;
 constexpr uint64_t kBlkFeatureFlush = 1ull << 9;
 
 constexpr uint32_t kRxBuffers = 16;
@@ -23,6 +24,12 @@ constexpr uint32_t kTxSlots = 8;
 constexpr uint32_t kTxSlotSize = sizeof(agent::FrameHeader) + agent::kMaxPayload;
 constexpr uint32_t kBlkChunk = 128 * 1024;
 constexpr uint32_t kBlkSegment = 64 * 1024;
+// The balloon's page (virtio 1.x §5.5: always 4 KiB), the PFNs one request carries (one page of
+// them; msb's device takes up to 4096, Linux sends 256), and what a page holds when it is given
+// away (Linux's PAGE_POISON).
+constexpr uint64_t kBalloonPage = 4096;
+constexpr uint32_t kBalloonBatch = 1024;
+constexpr uint8_t kBalloonPoison = 0xaa;
 
 // ---- system calls --------------------------------------------------------------------------
 
@@ -55,6 +62,8 @@ VirtioDevice g_block;
 bool g_have_console;
 bool g_have_block;
 uint64_t g_block_sectors;
+VirtioDevice g_balloon;
+bool g_have_balloon;
 
 VirtqMemory g_console_rx_mem;
 VirtqMemory g_console_tx_mem;
@@ -62,11 +71,28 @@ VirtqMemory g_block_mem;
 Virtq g_console_rx;
 Virtq g_console_tx;
 Virtq g_blockq;
+VirtqMemory g_inflate_mem;
+VirtqMemory g_deflate_mem;
+Virtq g_inflateq;
+Virtq g_deflateq;
 
 alignas(4096) uint8_t g_rx_buffers[kRxBuffers][kRxBufferSize];
 alignas(4096) uint8_t g_tx_slots[kTxSlots][kTxSlotSize];
 bool g_tx_busy[kTxSlots];
 alignas(4096) uint8_t g_block_buffer[kBlkChunk];
+alignas(4096) uint32_t g_balloon_pfns[kBalloonBatch];
+
+// The balloon's pages are RAM from kFillBase up (below kMappedLimit), taken from the top down:
+// page i of the balloon is the i-th 4 KiB page counting down from the top of that RAM. The
+// driver holds the first g_balloon_held of them, so every RAM page from the lowest held one up
+// is the balloon's, and fill/sum/load stay below it.
+MemRegion g_balloon_ranges[64];  // page-aligned [addr, addr + size), highest first
+uint32_t g_balloon_range_count;
+uint32_t g_balloon_capacity;  // pages
+uint32_t g_balloon_held;      // what the device has (and `actual` says)
+uint32_t g_balloon_target;    // num_pages as the driver last read it
+uint32_t g_balloon_refused;   // the last target over capacity that was logged
+bool g_balloon_check;         // a configuration change came: look at num_pages again
 
 // Received bytes not parsed yet: at most one partial frame plus one receive buffer.
 alignas(16) uint8_t g_parse[sizeof(agent::FrameHeader) + agent::kMaxPayload + kRxBufferSize];
@@ -200,6 +226,9 @@ void poll_interrupts() {
   const uint64_t pending = __atomic_exchange_n(&g_device_irqs, 0, __ATOMIC_SEQ_CST);
   if (g_have_console && (pending >> g_console.gsi) & 1) virtio_ack(g_console);
   if (g_have_block && (pending >> g_block.gsi) & 1) virtio_ack(g_block);
+  if (g_have_balloon && (pending >> g_balloon.gsi) & 1 &&
+      (virtio_ack(g_balloon) & kInterruptConfig) != 0)
+    g_balloon_check = true;
 }
 
 // Sleeps until the next interrupt (returns at once if one came after poll_interrupts()).
@@ -356,6 +385,114 @@ bool block_request(uint32_t type, uint64_t sector, uint32_t bytes) {
   return g_block_status == 0;
 }
 
+// ---- balloon -------------------------------------------------------------------------------
+
+// The balloon's page `index` (0 .. g_balloon_capacity - 1) as a PFN.
+uint32_t balloon_pfn(uint32_t index) {
+  uint64_t i = index;
+  for (uint32_t r = 0; r < g_balloon_range_count; ++r) {
+    const MemRegion& range = g_balloon_ranges[r];
+    const uint64_t pages = range.size / kBalloonPage;
+    if (i < pages) return static_cast<uint32_t>((range.addr + range.size) / kBalloonPage - 1 - i);
+    i -= pages;
+  }
+  return 0;  // not reached: callers stay below g_balloon_capacity
+}
+
+// The lowest address the balloon holds; the top of its RAM when it holds nothing.
+uint64_t balloon_floor() {
+  if (g_balloon_held == 0) return kMappedLimit;
+  return static_cast<uint64_t>(balloon_pfn(g_balloon_held - 1)) * kBalloonPage;
+}
+
+// The RAM map's pages from kFillBase up, below kMappedLimit, highest range first.
+void balloon_find_pages() {
+  g_balloon_range_count = 0;
+  g_balloon_capacity = 0;
+  for (uint32_t i = 0; i < g_boot_info.ram_count && g_balloon_range_count < 64; ++i) {
+    uint64_t start = g_boot_info.ram[i].addr;
+    uint64_t end = start + g_boot_info.ram[i].size;
+    if (start < kFillBase) start = kFillBase;
+    if (end > kMappedLimit) end = kMappedLimit;
+    start = (start + kBalloonPage - 1) & ~(kBalloonPage - 1);
+    end &= ~(kBalloonPage - 1);
+    if (end <= start) continue;
+    // Insertion sort, highest first.
+    uint32_t at = g_balloon_range_count++;
+    while (at > 0 && g_balloon_ranges[at - 1].addr < start) {
+      g_balloon_ranges[at] = g_balloon_ranges[at - 1];
+      --at;
+    }
+    g_balloon_ranges[at] = MemRegion{start, end - start};
+    g_balloon_capacity += static_cast<uint32_t>((end - start) / kBalloonPage);
+  }
+}
+
+// One request of `count` PFNs from g_balloon_pfns on `queue`, waited for.
+void balloon_request(Virtq& queue, uint32_t count) {
+  VirtqBuffer buffer{g_balloon_pfns, count * 4, false};
+  // One request at a time: the queue always has room.
+  if (!virtq_add(queue, &buffer, 1, 1)) return;
+  for (;;) {
+    poll_interrupts();
+    uint64_t cookie;
+    uint32_t len;
+    if (virtq_take_used(queue, &cookie, &len)) return;
+    wait_for_interrupt();
+  }
+}
+
+// Brings what the driver holds to the host's target (num_pages), at most kBalloonBatch pages a
+// request, re-reading the target after each; `actual` follows every request. Inflating writes
+// kBalloonPoison over each page first (as Linux's page poisoning does), so the host's RSS shows
+// whether it really frees what it is given. Deferred while `load` fills RAM the balloon may take.
+void balloon_adjust() {
+  if (!g_have_balloon) return;
+  if (g_cat_loads) {
+    g_balloon_check = true;
+    return;
+  }
+  g_balloon_check = false;
+  for (;;) {
+    const uint32_t wanted = virtio_config32(g_balloon, 0);
+    g_balloon_target = wanted;
+    uint32_t target = wanted;
+    if (target > g_balloon_capacity) {
+      target = g_balloon_capacity;
+      if (g_balloon_refused != wanted) {
+        g_balloon_refused = wanted;
+        log("testguest: balloon: the host asks for ");
+        serial_print_dec(wanted);
+        log(" pages; RAM from 32 MiB up has ");
+        serial_print_dec(g_balloon_capacity);
+        log("\n");
+      }
+    }
+    if (g_balloon_held == target) return;
+    if (g_balloon_held < target) {
+      const uint32_t n =
+          target - g_balloon_held < kBalloonBatch ? target - g_balloon_held : kBalloonBatch;
+      for (uint32_t i = 0; i < n; ++i) {
+        const uint32_t pfn = balloon_pfn(g_balloon_held + i);
+        memset(reinterpret_cast<void*>(static_cast<uint64_t>(pfn) * kBalloonPage), kBalloonPoison,
+               kBalloonPage);
+        g_balloon_pfns[i] = pfn;
+      }
+      balloon_request(g_inflateq, n);
+      g_balloon_held += n;
+    } else {
+      // The most recently given pages come back first, so the held ones stay the top of RAM.
+      const uint32_t n =
+          g_balloon_held - target < kBalloonBatch ? g_balloon_held - target : kBalloonBatch;
+      for (uint32_t i = 0; i < n; ++i)
+        g_balloon_pfns[i] = balloon_pfn(g_balloon_held - n + i);
+      balloon_request(g_deflateq, n);
+      g_balloon_held -= n;
+    }
+    virtio_write_config32(g_balloon, 4, g_balloon_held);
+  }
+}
+
 // ---- commands ------------------------------------------------------------------------------
 
 struct Exec {
@@ -386,6 +523,19 @@ bool fill_range_ok(uint64_t mib) {
     }
   }
   return covered >= end;
+}
+
+// fill_range_ok, and none of it the balloon's; otherwise says why (exit 2) and returns false.
+bool fill_area_ok(const char* command, uint64_t mib) {
+  if (!fill_range_ok(mib)) {
+    fail_usage(g_exec.id, command, "not that much RAM above 32 MiB");
+    return false;
+  }
+  if (kFillBase + (mib << 20) > balloon_floor()) {
+    fail_usage(g_exec.id, command, "the balloon holds RAM in that range");
+    return false;
+  }
+  return true;
 }
 
 // Parses argv[1] as MiB and, when `with_seed`, argv[2] as the seed.
@@ -472,10 +622,7 @@ void cmd_fill_or_sum(bool fill) {
   const char* name = fill ? "fill" : "sum";
   uint64_t mib = 0, seed = 0;
   if (!parse_mib_args(name, fill, &mib, &seed)) return;
-  if (!fill_range_ok(mib)) {
-    fail_usage(g_exec.id, name, "not that much RAM above 32 MiB");
-    return;
-  }
+  if (!fill_area_ok(name, mib)) return;
   volatile uint64_t* words = reinterpret_cast<volatile uint64_t*>(kFillBase);
   uint64_t count = mib << 17;
   uint64_t checksum = msb::pattern::kChecksumInit;
@@ -598,10 +745,7 @@ void cmd_cat() {
 void cmd_load() {
   uint64_t mib = 0;
   if (!parse_mib_args("load", false, &mib, nullptr)) return;
-  if (!fill_range_ok(mib)) {
-    fail_usage(g_exec.id, "load", "not that much RAM above 32 MiB");
-    return;
-  }
+  if (!fill_area_ok("load", mib)) return;
   cmd_cat();
   g_cat_loads = true;
   g_load_bytes = 0;
@@ -619,6 +763,20 @@ void finish_load() {
   print_checksum_and_exit(g_cat_id, checksum);
 }
 
+// `balloon`: the pages the driver holds and the target it last read ("HELD TARGET", 4 KiB pages).
+void cmd_balloon() {
+  if (!g_have_balloon) {
+    fail_usage(g_exec.id, "balloon", "no balloon device");
+    return;
+  }
+  char* out = append_dec(g_text, g_text + 32, g_balloon_held);
+  *out++ = ' ';
+  out = append_dec(out, g_text + 64, g_balloon_target);
+  *out++ = '\n';
+  write_output(agent::kStdout, g_exec.id, g_text, static_cast<size_t>(out - g_text));
+  send_exit(g_exec.id, 0, 0);
+}
+
 void run_exec() {
   const char* command = g_exec.argv[0];
   if (str_eq(command, "echo")) return cmd_echo();
@@ -626,6 +784,7 @@ void run_exec() {
   if (str_eq(command, "cpus")) return cmd_number(g_cpus_online);
   if (str_eq(command, "ticks")) return cmd_number(g_ticks);
   if (str_eq(command, "mem")) return cmd_number(g_memory_mib);
+  if (str_eq(command, "balloon")) return cmd_balloon();
   if (str_eq(command, "hostname")) return cmd_text_line(g_hostname);
   if (str_eq(command, "clock")) return cmd_number(clock_seconds());
   if (str_eq(command, "random")) return cmd_random();
@@ -976,6 +1135,9 @@ void handle_restore(const uint8_t* payload, uint32_t len) {
 
   g_memory_mib = restore.memory_mib;
   set_online_cpus(restore.cpus);
+  // The host set the balloon's target (from the grant) before kRestore: like Linux's agent, the
+  // test guest answers once the balloon holds it.
+  balloon_adjust();
 
   log("testguest: restored as ");
   log(g_hostname);
@@ -985,7 +1147,9 @@ void handle_restore(const uint8_t* payload, uint32_t len) {
   serial_print_dec(g_vm_cpus);
   log(" vCPUs online, ");
   serial_print_dec(g_memory_mib);
-  log(" MiB\n");
+  log(" MiB, balloon ");
+  serial_print_dec(g_balloon_held);
+  log(" pages\n");
   send_ready();
 }
 
@@ -1123,6 +1287,18 @@ void setup_block(VirtioDevice& device) {
   g_have_block = true;
 }
 
+void setup_balloon(VirtioDevice& device) {
+  if (!virtio_init(device, 0)) return;  // VERSION_1 only: no MUST_TELL_HOST, no stats
+  if (!virtio_queue_init(device, g_inflateq, 0, &g_inflate_mem) ||
+      !virtio_queue_init(device, g_deflateq, 1, &g_deflate_mem))
+    return;
+  virtio_driver_ok(device);
+  g_balloon = device;
+  g_have_balloon = true;
+  balloon_find_pages();
+  g_balloon_check = true;  // the host may have set a target before the driver came
+}
+
 // Every `virtio_mmio.device=<size>@<addr>:<gsi>` on the command line, in order.
 void probe_devices() {
   const char* s = g_boot_info.cmdline;
@@ -1158,6 +1334,9 @@ void probe_devices() {
     } else if (device.device_id == kDeviceBlock && !g_have_block) {
       route_gsi(device.gsi);
       setup_block(device);
+    } else if (device.device_id == kDeviceBalloon && !g_have_balloon) {
+      route_gsi(device.gsi);
+      setup_balloon(device);
     } else if (device.device_id == kDeviceRng) {
       // Not used; noted so the boot log shows it was found.
     }
@@ -1186,6 +1365,10 @@ void print_boot_line() {
     serial_print_dec(g_block_sectors >> 11);
     serial_print(" MiB)");
   }
+  if (g_have_balloon) {
+    serial_print(" balloon@");
+    serial_print_hex(g_balloon.regs);
+  }
   serial_print(g_boot_info.kind == BootKind::kPvh ? ", PVH boot\n" : ", Linux boot\n");
 }
 
@@ -1208,11 +1391,16 @@ extern "C" [[noreturn]] void agent_main() {
   g_irq_seen = g_irq_count - 1;
   __atomic_fetch_or(&g_device_irqs, ~uint64_t{0}, __ATOMIC_SEQ_CST);
   poll_interrupts();
+  balloon_adjust();
   send_ready();
 
   for (;;) {
     poll_interrupts();
     bool progress = process_rx();
+    if (g_balloon_check && !g_cat_loads) {
+      balloon_adjust();
+      progress = true;
+    }
     reclaim_tx();
     if (g_cat_running && g_cat_deadline != 0 && g_ticks >= g_cat_deadline) {
       g_cat_running = false;

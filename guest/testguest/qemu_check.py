@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Boots msb's test guest under QEMU (microvm, TCG) and checks every command over the agent
-protocol (guest/protocol/agent_protocol.h) against pattern.h's formulas. A development tool:
+protocol (guest/protocol/agent_protocol.h) against pattern.h's formulas, and its balloon driver
+against QEMU's virtio-balloon (set and read over QMP). A development tool:
 
     guest/testguest/qemu_check.py build/cli/testguest [--cpus 2] [--max-cpus N] [--acpi on|off] [--keep]
 
@@ -10,6 +11,7 @@ protocol (guest/protocol/agent_protocol.h) against pattern.h's formulas. A devel
 Exit status 0 when every check passed.
 """
 import argparse
+import json
 import os
 import socket
 import struct
@@ -117,6 +119,56 @@ class Agent:
         return self.wait(self.start(argv, env, timeout_ms))
 
 
+class Qmp:
+    """QEMU's monitor on a Unix socket: commands and their answers, events skipped."""
+
+    def __init__(self, path, timeout=60):
+        deadline = time.time() + 10
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.settimeout(timeout)
+        self.buffer = b""
+        self.read()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def read(self):
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("QMP socket closed")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, command, arguments=None):
+        request = {"execute": command}
+        if arguments is not None:
+            request["arguments"] = arguments
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            answer = self.read()
+            if "event" in answer:
+                continue
+            if "error" in answer:
+                raise RuntimeError(f"QMP {command}: {answer['error']}")
+            return answer["return"]
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("kernel")
@@ -131,7 +183,7 @@ def main():
     ceiling = max_cpus if args.acpi == "on" else args.cpus
 
     tmp = tempfile.mkdtemp(prefix="testguest-")
-    disk, log = (os.path.join(tmp, n) for n in ("disk.img", "serial.log"))
+    disk, log, qmp_path = (os.path.join(tmp, n) for n in ("disk.img", "serial.log", "qmp.sock"))
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -150,6 +202,7 @@ def main():
            "-chardev", f"socket,id=agent,host=127.0.0.1,port={port},server=on,wait=on",
            "-device", "virtconsole,chardev=agent",
            "-drive", f"if=none,id=d0,file={disk},format=raw", "-device", "virtio-blk-device,drive=d0",
+           "-device", "virtio-balloon-device", "-qmp", f"unix:{qmp_path},server=on,wait=off",
            "-no-reboot"]
     qemu = subprocess.Popen(cmd)
     failures = []
@@ -234,6 +287,46 @@ def main():
               ((127, 0), b"", b"testguest: nope: command not found\n"))
         # Unknown frames are skipped.
         agent.send(99, 0, b"junk")
+
+        # The balloon: QEMU's target is the RAM the guest keeps (`value`, bytes of its 256 MiB);
+        # the driver takes pages from the top of RAM down, which fill/sum/load then leave alone.
+        qmp = Qmp(qmp_path)
+        mib = 1 << 20
+
+        def wait_balloon(keep_mib):
+            deadline = time.time() + 120
+            while qmp.execute("query-balloon")["actual"] != keep_mib * mib and time.time() < deadline:
+                time.sleep(0.1)
+            return qmp.execute("query-balloon")["actual"] // mib
+
+        check("balloon at boot", agent.run(["balloon"]), ((0, 0), b"0 0\n", b""))
+        want = f"{pattern_checksum(11, 200 << 17):016x}\n".encode()
+        check("fill 200 (all but 24 MiB above 32 MiB)", agent.run(["fill", "200", "11"]), ((0, 0), want, b""))
+        rss_filled = rss_kib(qemu.pid)
+        qmp.execute("balloon", {"value": 64 * mib})
+        check("QEMU sees the balloon inflate to the target", wait_balloon(64), 64)
+        check("balloon inflated", agent.run(["balloon"]), ((0, 0), b"49152 49152\n", b""))
+        rss_ballooned = rss_kib(qemu.pid)
+        check(f"QEMU's RSS drops as the balloon inflates ({rss_filled} -> {rss_ballooned} KiB)",
+              rss_filled - rss_ballooned > 120 * 1024, True)
+        check("fill stays below the balloon", agent.run(["fill", "32", "12"]),
+              ((0, 0), f"{pattern_checksum(12, 32 << 17):016x}\n".encode(), b""))
+        check("fill into the balloon refused", agent.run(["fill", "33", "12"]),
+              ((2, 0), b"", b"testguest: fill: the balloon holds RAM in that range\n"))
+        check("sum into the balloon refused", agent.run(["sum", "100"])[0], (2, 0))
+        qmp.execute("balloon", {"value": 192 * mib})
+        check("QEMU sees the balloon deflate to the target", wait_balloon(192), 192)
+        check("balloon deflated", agent.run(["balloon"]), ((0, 0), b"16384 16384\n", b""))
+        check("fill in the pages given back", agent.run(["fill", "160", "13"]),
+              ((0, 0), f"{pattern_checksum(13, 160 << 17):016x}\n".encode(), b""))
+        # A kRestore is answered once the balloon holds the target the host set before it.
+        qmp.execute("balloon", {"value": 128 * mib})
+        restore(args.cpus, 128, "fork-6")
+        check("balloon at the target when kRestore is answered", agent.run(["balloon"]),
+              ((0, 0), b"32768 32768\n", b""))
+        qmp.execute("balloon", {"value": 256 * mib})
+        check("QEMU sees the balloon empty", wait_balloon(256), 256)
+        check("balloon empty", agent.run(["balloon"]), ((0, 0), b"0 0\n", b""))
 
         cat = agent.start(["cat"])
         agent.send(K_STDIN, cat, b"abc")

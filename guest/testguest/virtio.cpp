@@ -127,13 +127,18 @@ void virtio_driver_ok(VirtioDevice& device) {
             kStatusAcknowledge | kStatusDriver | kStatusFeaturesOk | kStatusDriverOk);
 }
 
-void virtio_ack(const VirtioDevice& device) {
+uint32_t virtio_ack(const VirtioDevice& device) {
   uint32_t status = reg_read(device, kInterruptStatus);
   if (status != 0) reg_write(device, kInterruptAck, status);
+  return status;
 }
 
 uint32_t virtio_config32(const VirtioDevice& device, uint32_t offset) {
   return reg_read(device, kConfig + offset);
+}
+
+void virtio_write_config32(const VirtioDevice& device, uint32_t offset, uint32_t value) {
+  reg_write(device, kConfig + offset, value);
 }
 
 bool virtq_add(Virtq& queue, const VirtqBuffer* buffers, uint16_t count, uint64_t cookie) {

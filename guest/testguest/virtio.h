@@ -71,9 +71,12 @@ bool virtio_init(VirtioDevice& device, uint64_t wanted);
 // Sets up queue `index` with at most kQueueMax entries.
 bool virtio_queue_init(VirtioDevice& device, Virtq& queue, uint32_t index, VirtqMemory* memory);
 void virtio_driver_ok(VirtioDevice& device);
-// Reads and acks InterruptStatus.
-void virtio_ack(const VirtioDevice& device);
+// Reads and acks InterruptStatus; returns what it acked (bit 0: used buffers, bit 1: a
+// configuration change).
+uint32_t virtio_ack(const VirtioDevice& device);
+inline constexpr uint32_t kInterruptConfig = 2;
 uint32_t virtio_config32(const VirtioDevice& device, uint32_t offset);
+void virtio_write_config32(const VirtioDevice& device, uint32_t offset, uint32_t value);
 
 // Adds a chain (false when there are not enough free descriptors) and notifies the device.
 bool virtq_add(Virtq& queue, const VirtqBuffer* buffers, uint16_t count, uint64_t cookie);
