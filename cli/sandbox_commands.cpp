@@ -129,7 +129,8 @@ int run_exec(const GlobalOptions& global, const SandboxArgs& args) {
 }
 
 int run_ls(const GlobalOptions& global, const SandboxArgs& args) {
-  std::vector<core::SandboxInfo> list = core::Sandbox::list(home_of(global));
+  // The balloons (a question to each running VMM) only where they are shown.
+  std::vector<core::SandboxInfo> list = core::Sandbox::list(home_of(global), args.json);
   if (args.json) {
     nlohmann::json out = nlohmann::json::array();
     for (const auto& s : list) {
@@ -147,7 +148,11 @@ int run_ls(const GlobalOptions& global, const SandboxArgs& args) {
           {"uptime_s", s.uptime ? nlohmann::json(*s.uptime) : nlohmann::json()},
           {"reason", s.reason},
           {"detail", s.detail},
-          {"parent", s.parent.empty() ? nlohmann::json() : nlohmann::json(s.parent)}};
+          {"parent", s.parent.empty() ? nlohmann::json() : nlohmann::json(s.parent)},
+          {"balloon", s.balloon ? nlohmann::json{{"ram_mib", s.balloon->ram_mib},
+                                                 {"target_mib", s.balloon->target_mib},
+                                                 {"actual_mib", s.balloon->actual_mib}}
+                                : nlohmann::json()}};
       out.push_back(entry);
     }
     std::printf("%s\n", out.dump(2).c_str());

@@ -301,12 +301,14 @@ void ExecMux::handle_request(Client& client, const std::string& text) {
   std::string op = request["op"];
   try {
     if (op == "status") {
-      client.out += json_frame(control::kResponse, {{"ready", ready_},
-                                                    {"paused", paused_},
-                                                    {"guest_broken", guest_broken_},
-                                                    {"running", running_.size()},
-                                                    {"queued", queue_.size()},
-                                                    {"max_concurrent", max_concurrent_}});
+      nlohmann::json status = {{"ready", ready_},
+                               {"paused", paused_},
+                               {"guest_broken", guest_broken_},
+                               {"running", running_.size()},
+                               {"queued", queue_.size()},
+                               {"max_concurrent", max_concurrent_}};
+      if (on_status) status.update(on_status());
+      client.out += json_frame(control::kResponse, status);
       client.state = State::kFinishing;
     } else if (op == "wait_ready") {
       if (guest_broken_) {

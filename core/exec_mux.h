@@ -62,6 +62,9 @@ class ExecMux {
       on_machine_request;
   // The client holding a capture went away without committing it.
   std::function<void()> on_capture_abandoned;
+  // Fields about the machine added to every "status" reply (the VMM adds its balloon); its keys
+  // replace the mux's own where they clash. Must not block: the mux waits for it.
+  std::function<nlohmann::json()> on_status;
 
  private:
   using Clock = std::chrono::steady_clock;

@@ -710,17 +710,6 @@ nlohmann::json config_to_json(const ImageConfig& config) {
           {"user", config.user}};
 }
 
-ImageConfig config_from_json(const nlohmann::json& json) {
-  ImageConfig config;
-  if (!json.is_object()) return config;
-  config.env = json.value("env", std::vector<std::string>{});
-  config.entrypoint = json.value("entrypoint", std::vector<std::string>{});
-  config.cmd = json.value("cmd", std::vector<std::string>{});
-  config.workdir = json.value("workdir", std::string());
-  config.user = json.value("user", std::string());
-  return config;
-}
-
 // --- The root file system -----------------------------------------------------------------------
 
 // What a path of the image is, when the files on disk cannot say (extracted without root).
@@ -1126,7 +1115,7 @@ ImageInfo describe(const Manifest& manifest) {
   info.id = meta.value("id", std::string());
   info.created = meta.value("created", std::string());
   info.source = meta.value("source", std::string());
-  info.config = config_from_json(meta.value("config", nlohmann::json::object()));
+  info.config = image_config_from_json(meta.value("config", nlohmann::json::object()));
   if (auto it = manifest.objects.find("rootfs"); it != manifest.objects.end()) {
     info.size = it->second.size;
   }
@@ -1634,6 +1623,17 @@ size_t prune_image_caches(const Home& home, const Store& store) {
     ++removed;
   }
   return removed;
+}
+
+ImageConfig image_config_from_json(const nlohmann::json& json) {
+  ImageConfig config;
+  if (!json.is_object()) return config;
+  config.env = json.value("env", std::vector<std::string>{});
+  config.entrypoint = json.value("entrypoint", std::vector<std::string>{});
+  config.cmd = json.value("cmd", std::vector<std::string>{});
+  config.workdir = json.value("workdir", std::string());
+  config.user = json.value("user", std::string());
+  return config;
 }
 
 }  // namespace msb::core

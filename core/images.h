@@ -38,6 +38,9 @@ struct ImageConfig {
   std::string workdir;                  // "" for /
   std::string user;                     // "" for root
 };
+// The form msb keeps it in (an image's metadata, a sandbox's config.json): {"env", "entrypoint",
+// "cmd", "workdir", "user"}, each missing one empty.
+ImageConfig image_config_from_json(const nlohmann::json& json);
 
 struct ImageInfo {
   std::string tag;      // NAME:TAG as the user gave it (":latest" added when missing)

@@ -25,6 +25,7 @@
 #include "core/initramfs.h"
 #include "core/kernels.h"
 #include "core/snapshot.h"
+#include "core/test_hooks.h"
 #include "guest/protocol/agent_protocol.h"
 #include "snapstore/error.h"
 #include "snapstore/file_util.h"
@@ -181,15 +182,34 @@ fs::path self_executable() {
   return fs::read_symlink("/proc/self/exe");
 }
 
+// SIGINT, SIGTERM and SIGHUP: what VmmInterruptGuard handles.
+sigset_t interrupt_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int signal : {SIGINT, SIGTERM, SIGHUP})
+    sigaddset(&set, signal);
+  return set;
+}
+
 // Starts `msb __vmm DIR` detached: its own session, stdin from /dev/null, output to vmm.log,
 // no descriptor of this process. Returns its pid (a child of this process until it exits).
+// It returns with SIGINT, SIGTERM and SIGHUP blocked in this process: a Ctrl-C between the fork
+// and the caller's VmmInterruptGuard would otherwise end this process and leave the VMM running.
+// The guard unblocks them once its handler is in place, and a pending one then kills the VMM.
 int spawn_vmm(const fs::path& dir) {
   std::string exe = self_executable().string();
   std::string dir_arg = dir.string();
   std::string log = (dir / "vmm.log").string();
+  const sigset_t interrupts = interrupt_signals();
+  sigset_t old_mask;
+  ::sigprocmask(SIG_BLOCK, &interrupts, &old_mask);
   pid_t pid = ::fork();
-  if (pid < 0) snapstore::throw_errno("fork");
+  if (pid < 0) {
+    ::sigprocmask(SIG_SETMASK, &old_mask, nullptr);
+    snapstore::throw_errno("fork");
+  }
   if (pid == 0) {
+    ::sigprocmask(SIG_SETMASK, &old_mask, nullptr);
     ::setsid();
     int null_fd = ::open("/dev/null", O_RDONLY);
     int log_fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
@@ -237,6 +257,9 @@ class VmmInterruptGuard {
     sigemptyset(&action.sa_mask);
     for (size_t i = 0; i < std::size(kSignals); ++i)
       ::sigaction(kSignals[i], &action, &old_[i]);
+    // spawn_vmm left them blocked; one that came meanwhile is handled now.
+    const sigset_t interrupts = interrupt_signals();
+    ::sigprocmask(SIG_UNBLOCK, &interrupts, nullptr);
   }
   ~VmmInterruptGuard() {
     for (size_t i = 0; i < std::size(kSignals); ++i)
@@ -569,6 +592,7 @@ void create_sandbox(const Home& home, const CreateOptions& options, const BootPr
     if (image) home.open_store()->set_name(image_hold_name(options.name), *image, true);
     write_json_file(dir / "config.json", config);
     int pid = spawn_vmm(dir);
+    test_hook("sandbox-vmm-spawned");  // before wait_ready handles interrupts (core/test_hooks.h)
     failure = wait_ready(options.name, dir, pid, progress);
     kept = failure && keep_failed && !failure->interrupted;
     if (kept) record_boot_failure(dir, *failure);
@@ -717,7 +741,51 @@ Sandbox Sandbox::open(const Home& home, const std::string& name) {
   return Sandbox(name, sandboxes_dir(home) / name);
 }
 
-std::vector<SandboxInfo> Sandbox::list(const Home& home) {
+namespace {
+
+// The balloons of the running and paused sandboxes among `infos`, from their VMMs' "status"
+// replies: a batch is asked at once and its answers awaited until one deadline, so that a VMM
+// busy elsewhere (a snapshot's capture) delays the list by at most that and stays without one.
+// Batches bound the descriptors held.
+void add_balloons(const Home& home, std::vector<SandboxInfo>& infos) {
+  constexpr size_t kBatch = 128;
+  constexpr auto kWait = std::chrono::seconds(5);
+  for (size_t first = 0; first < infos.size(); first += kBatch) {
+    std::vector<std::pair<SandboxInfo*, ControlConnection>> asked;
+    for (size_t i = first; i < std::min(infos.size(), first + kBatch); ++i) {
+      SandboxInfo& info = infos[i];
+      if (info.state != "running" && info.state != "paused") continue;
+      UniqueFd fd = connect_unix(sandboxes_dir(home) / info.name / "control.sock");
+      if (!fd) continue;
+      ControlConnection connection(std::move(fd));
+      try {
+        connection.send_request({{"op", "status"}});
+      } catch (const SandboxError&) {
+        continue;  // it stopped meanwhile
+      }
+      asked.emplace_back(&info, std::move(connection));
+    }
+    const auto deadline = Clock::now() + kWait;
+    for (auto& [info, connection] : asked) {
+      std::optional<Frame> frame = connection.read_frame(deadline);
+      if (!frame || frame->type != control::kResponse) continue;
+      nlohmann::json body = nlohmann::json::parse(frame->payload, nullptr, false);
+      if (!body.is_object() || !body.contains("balloon") || !body["balloon"].is_object()) continue;
+      const nlohmann::json& balloon = body["balloon"];
+      try {
+        info->balloon = SandboxBalloon{balloon.at("ram_mib").get<uint64_t>(),
+                                       balloon.at("target_mib").get<uint64_t>(),
+                                       balloon.at("actual_mib").get<uint64_t>()};
+      } catch (const nlohmann::json::exception&) {
+        // A VMM of another version: no balloon shown.
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<SandboxInfo> Sandbox::list(const Home& home, bool balloons) {
   std::vector<SandboxInfo> out;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(sandboxes_dir(home), ec)) {
@@ -727,6 +795,7 @@ std::vector<SandboxInfo> Sandbox::list(const Home& home) {
     out.push_back(Sandbox(name, entry.path()).info());
   }
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  if (balloons) add_balloons(home, out);
   return out;
 }
 
@@ -776,22 +845,25 @@ SandboxInfo Sandbox::info() const {
   return info;
 }
 
-ExecResult Sandbox::exec(const ExecOptions& requested, const ExecIo& io) const {
-  // What the call leaves out comes from the sandbox's image: its working directory, its user,
-  // and (for `msb run` without a command) its entrypoint and command.
-  ExecOptions options = requested;
-  if (auto config = read_json_file(dir_ / "config.json");
-      config && config->contains("image") && (*config)["image"].is_object()) {
-    const nlohmann::json& image = (*config)["image"];
-    if (options.workdir.empty()) options.workdir = image.value("workdir", std::string());
-    if (options.user.empty()) options.user = image.value("user", std::string());
-    if (options.argv.empty()) {
-      options.argv = image.value("entrypoint", std::vector<std::string>{});
-      for (const auto& arg : image.value("cmd", std::vector<std::string>{}))
-        options.argv.push_back(arg);
-    }
+ExecOptions with_image_defaults(ExecOptions requested, const ImageConfig& image) {
+  ExecOptions options = std::move(requested);
+  if (options.workdir.empty()) options.workdir = image.workdir;
+  if (options.user.empty()) options.user = image.user;
+  if (options.argv.empty()) {
+    options.argv = image.entrypoint;
+    options.argv.insert(options.argv.end(), image.cmd.begin(), image.cmd.end());
   }
   if (options.argv.empty()) throw SandboxError("exec needs a command (the image names none)");
+  return options;
+}
+
+ExecResult Sandbox::exec(const ExecOptions& requested, const ExecIo& io) const {
+  // What the call leaves out comes from the sandbox's image (config.json keeps its config).
+  ImageConfig image;
+  if (auto config = read_json_file(dir_ / "config.json"); config && config->contains("image")) {
+    image = image_config_from_json((*config)["image"]);
+  }
+  ExecOptions options = with_image_defaults(requested, image);
   for (const auto& entry : options.env)
     check_env_entry("--env", entry);
   UniqueFd fd = connect_unix(dir_ / "control.sock");

@@ -88,6 +88,12 @@ struct ExecOptions {
   std::string user;  // "": the image's user, else root (NAME, UID, NAME:GROUP, UID:GID)
 };
 
+struct ImageConfig;  // core/images.h
+// An exec as it runs in a sandbox made from an image with `image`'s config: what the request
+// leaves out comes from the image (its working directory, its user and, with no command, its
+// entrypoint followed by its command). Throws SandboxError when there is still no command.
+ExecOptions with_image_defaults(ExecOptions requested, const ImageConfig& image);
+
 // Where an exec's output goes and its input comes from.
 struct ExecIo {
   std::function<void(std::string_view)> on_stdout;
@@ -103,6 +109,15 @@ struct ExecResult {
   int exit_status() const;
 };
 
+// A running sandbox's balloon as its VMM reports it (the "status" reply), in whole MiB (actual
+// rounded down): the guest has ram_mib - actual_mib of its RAM; the host asks it to give back
+// target_mib (ram_mib minus the granted --memory, none when the grant covers the RAM).
+struct SandboxBalloon {
+  uint64_t ram_mib = 0;     // the RAM in the guest's memory map (--max-memory for a Linux guest)
+  uint64_t target_mib = 0;  // what the host asks the balloon to hold
+  uint64_t actual_mib = 0;  // what the guest's driver says it holds (0 without a driver)
+};
+
 struct SandboxInfo {
   std::string name;
   std::string state;  // "running", "paused", "starting", "stopped" or "failed"
@@ -116,6 +131,8 @@ struct SandboxInfo {
   std::string reason;            // why it stopped: "powered-off", "killed", "triple-fault", ...
   std::string detail;
   std::string parent;  // the snapshot it was restored from, or ""
+  // Running or paused sandboxes whose VMM answered in time; filled by Sandbox::list only.
+  std::optional<SandboxBalloon> balloon;
 };
 
 // How a boot that waits for the guest's agent is going, for a progress display (the CLI draws
@@ -154,7 +171,9 @@ class Sandbox {
   // has "name" and "restore"), starts their VMM processes all at once and returns once every
   // guest answered. On any failure, or an interrupt, none of them is left behind.
   static void create_restored(const Home& home, const std::vector<nlohmann::json>& configs);
-  static std::vector<SandboxInfo> list(const Home& home);
+  // Every sandbox's info; with `balloons`, also the balloon of each running one (their VMMs
+  // asked all at once, for at most a few seconds: a VMM too busy to answer leaves it unknown).
+  static std::vector<SandboxInfo> list(const Home& home, bool balloons = false);
 
   const std::string& name() const { return name_; }
   const std::filesystem::path& dir() const { return dir_; }

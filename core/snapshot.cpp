@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -20,6 +21,7 @@
 #include "core/images.h"
 #include "core/sandbox.h"
 #include "core/snapshot_staging.h"
+#include "core/test_hooks.h"
 #include "snapstore/error.h"
 #include "snapstore/file_util.h"
 #include "snapstore/name.h"
@@ -271,6 +273,9 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
   auto layout = parse_staging(staging.bytes(), header);
   if (!layout)
     throw SnapshotError("snapshot of sandbox " + in_quotes(sandbox) + ": malformed staging area");
+  // Test hooks (core/test_hooks.h) mark each step from here on: the VMM holds the capture (and
+  // stages it), this process has mapped it and stored nothing yet.
+  test_hook("snapshot-captured");
   const std::byte* area = staging.bytes().data();
 
   auto store = home.open_store();
@@ -320,6 +325,12 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
     }
     std::erase_if(changed, [&](size_t index) { return index >= slot_of.size(); });
     std::sort(changed.begin(), changed.end());
+    // Test hook: halfway through the staged memory chunks, when those read before it (but for
+    // the ones other workers still compress) are in the store's temporary files or, deduplicated,
+    // in place.
+    const bool hooked = std::string_view(what) == "memory";
+    const size_t hook_at = std::max<size_t>(1, staged.size() / 2);
+    std::atomic<size_t> staged_reads{0};
     ObjectRef ref = store->put_object_changes(
         size, parent, changed,
         [&](size_t index, std::span<std::byte> out) {
@@ -328,6 +339,9 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
             std::memset(out.data(), 0, out.size());
           } else {
             std::memcpy(out.data(), area + slot_offset(size_t(slot)), out.size());
+            if (hooked && staged_reads.fetch_add(1) + 1 == hook_at) {
+              test_hook("snapshot-storing-memory");
+            }
           }
         },
         transfer);
@@ -372,8 +386,11 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
                    {"machine", header.at("state")}};
   if (parent) manifest.manifests.push_back(*parent);
   if (auto image = image_of(config)) manifest.manifests.push_back(*image);
+  test_hook("snapshot-stored");  // every chunk in place; no manifest yet
   Hash128 hash = store->put_manifest(manifest);
+  test_hook("snapshot-manifest");  // the manifest stored; no name holds it yet
   store->set_name(unnamed_name(sandbox, hash.hex()), hash, /*replace=*/true);
+  test_hook("snapshot-named");  // named; the VMM has not heard of it yet
 
   // The snapshot is stored and named now, whatever happens to the VMM: a VMM that died meanwhile
   // has nothing to build its next snapshot on anyway.
@@ -382,6 +399,7 @@ SnapshotCreateResult create_snapshot(const Home& home, const std::string& sandbo
     read_response(connection, sandbox, "snapshot", std::chrono::seconds(60));
   } catch (const std::exception&) {
   }
+  test_hook("snapshot-committed");  // the VMM's next snapshot builds on this one (if it lives)
 
   result.handle = hash.hex();
   result.parent = parent ? parent->hex() : "";

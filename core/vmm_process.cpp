@@ -23,6 +23,7 @@
 #include "core/guest_cmdline.h"
 #include "core/home.h"
 #include "core/kernels.h"
+#include "core/test_hooks.h"
 #include "core/vmm_snapshot.h"
 #include "guest/protocol/agent_protocol.h"
 #include "snapstore/error.h"
@@ -234,6 +235,9 @@ int run_vmm_process(const std::filesystem::path& dir) {
       log_line("resumed");
       response = {{"paused", false}};
     } else if (op == "snapshot") {
+      // Test hooks (core/test_hooks.h): the request taken, the guest not yet paused; then the
+      // capture staged and the guest paused (or running again with --resume), not yet answered.
+      test_hook("vmm-snapshot-capture");
       response = snapshots.capture(request.value("resume", false));
       if (response.value("paused", false)) {
         publish("paused", utc_timestamp() + "\n");
@@ -242,13 +246,28 @@ int run_vmm_process(const std::filesystem::path& dir) {
       }
       log_line("captured for a snapshot in " + std::to_string(response.value("capture_ms", 0.0)) +
                " ms");
+      test_hook("vmm-snapshot-captured");
     } else if (op == "snapshot_commit") {
       std::string handle = request.at("handle").get<std::string>();
+      // Test hook: the client stored and named the snapshot; this VMM has not taken it as the
+      // parent of its next one yet.
+      test_hook("vmm-snapshot-commit");
       snapshots.commit(handle);
       log_line("snapshot " + handle + " stored");
       response = {{"committed", true}};
     }
     return response;
+  };
+  // The balloon as the guest's driver left it: how much of its RAM the guest really has.
+  mux.on_status = [&] {
+    const vmm::BalloonStatus balloon = machine->balloon();
+    constexpr uint64_t kPagesPerMib = (1 << 20) / 4096;
+    return nlohmann::json{{"balloon",
+                           {{"ram_mib", balloon.ram_mib},
+                            {"target_mib", balloon.target_pages / kPagesPerMib},
+                            {"actual_mib", balloon.actual_pages / kPagesPerMib},
+                            {"target_pages", balloon.target_pages},
+                            {"actual_pages", balloon.actual_pages}}}};
   };
   mux.on_capture_abandoned = [&] {
     snapshots.abort();

@@ -20,6 +20,9 @@
 #include "core/control_protocol.h"
 #include "core/exec_mux.h"
 #include "core/frames.h"
+#include "core/home.h"
+#include "core/images.h"
+#include "core/sandbox.h"
 #include "guest/agent/memory.h"
 #include "guest/protocol/pattern.h"
 #include "snapstore/file_util.h"
@@ -47,6 +50,7 @@ std::string frame_bytes(uint16_t type, uint32_t id, std::string_view payload) {
 // A guest agent in a thread, on one end of a socketpair, running one exec at a time (it says
 // max_concurrent 1) with a few commands of its own:
 //   echo ARGS...   env   exit N   err TEXT   out BYTES SEED   cat   wait (until killed)
+//   show ARGS...   (prints the request: its argv, working directory and user)
 class FakeGuest {
  public:
   explicit FakeGuest(int fd, bool send_ready = true) : fd_(fd) {
@@ -67,6 +71,7 @@ class FakeGuest {
   std::atomic<int> overlapping_execs = 0;  // kExec while another ran: the host broke the limit
   std::atomic<int> power_offs = 0;
   std::atomic<int> execs = 0;
+  std::atomic<uint64_t> out_bytes = 0;  // what `out` has written so far
   std::mutex mutex;
   std::vector<int32_t> signals;  // kSignal numbers received
   std::vector<std::string> env;  // from kSetEnv
@@ -154,8 +159,17 @@ class FakeGuest {
       finish(1);
     } else if (command_ == "out") {
       std::string data = pattern_bytes(std::stoull(argv.at(2)), std::stoull(argv.at(1)));
-      for (size_t off = 0; off < data.size(); off += agent::kMaxPayload)
+      for (size_t off = 0; off < data.size(); off += agent::kMaxPayload) {
         send(agent::kStdout, current_, std::string_view(data).substr(off, agent::kMaxPayload));
+        out_bytes += std::min<uint64_t>(agent::kMaxPayload, data.size() - off);
+      }
+      finish(0);
+    } else if (command_ == "show") {
+      std::string text = "argv:";
+      for (const auto& arg : argv)
+        text += " " + arg;
+      send(agent::kStdout, current_,
+           text + "\nworkdir: " + request->workdir + "\nuser: " + request->user + "\n");
       finish(0);
     } else if (command_ == "cat" || command_ == "wait") {
       // cat answers kStdin; wait ends only by kSignal
@@ -246,9 +260,11 @@ nlohmann::json request(Harness& h, const nlohmann::json& body) {
   return nlohmann::json::parse(frame->payload);
 }
 
+// Polls `condition` until it holds; the deadline only catches a hang.
 template <typename F>
 bool eventually(F condition) {
-  for (int i = 0; i < 2000; ++i) {
+  for (auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+       std::chrono::steady_clock::now() < deadline;) {
     if (condition()) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
@@ -473,8 +489,22 @@ TEST_CASE("a client that does not read holds the guest back instead of filling m
   ControlConnection c = h.connect();
   c.send_request({{"op", "exec"}, {"argv", {"out", std::to_string(32 << 20), "9"}}});
   REQUIRE(eventually([&] { return h.guest->execs == 1; }));
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  // Nothing read yet: the guest is still writing (socket buffers and the mux hold far less).
+  // Nothing read yet: the guest's writes stop once the socket buffers and the mux's 64 KiB are
+  // full. Stopped means no progress for 200 ms (a mux that buffered everything would have taken
+  // all 32 MiB by then, or keep moving); what it holds is bounded by the buffers, not the output.
+  uint64_t sent = 0;
+  auto last_move = std::chrono::steady_clock::now();
+  for (auto deadline = last_move + std::chrono::seconds(60);
+       std::chrono::steady_clock::now() < deadline &&
+       std::chrono::steady_clock::now() - last_move < std::chrono::milliseconds(200);) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (uint64_t now = h.guest->out_bytes; now != sent) {
+      sent = now;
+      last_move = std::chrono::steady_clock::now();
+    }
+  }
+  INFO("the guest wrote " << sent << " bytes before it had to wait");
+  REQUIRE(sent < (uint64_t(4) << 20));
   REQUIRE(request(h, {{"op", "status"}})["running"] == 1);
   std::string out;
   std::optional<ExecResult> result;
@@ -579,4 +609,79 @@ TEST_CASE("the agent waits for the balloon while it makes progress", "[agent]") 
     }
     CHECK(wait.next(seconds(30), --total) == Verdict::kTimedOut);
   }
+}
+
+TEST_CASE("an image's environment sits under the sandbox's, key by key", "[agent]") {
+  using core::merge_env;
+  const std::vector<std::string> image = {"PATH=/usr/bin:/bin", "GREETING=hi", "EMPTY=", "EQ=a=b"};
+  CHECK(merge_env(image, {}) == image);
+  CHECK(merge_env({}, {"A=1"}) == std::vector<std::string>{"A=1"});
+  // A key given again replaces the image's entry (moved to the end); others stay in order.
+  CHECK(
+      merge_env(image, {"GREETING=hello", "NEW=1", "EQ=c"}) ==
+      std::vector<std::string>{"PATH=/usr/bin:/bin", "EMPTY=", "GREETING=hello", "NEW=1", "EQ=c"});
+  // Keys match whole: GREET is not GREETING; the last of repeated overrides wins.
+  CHECK(merge_env(image, {"GREET=x", "EMPTY=1", "EMPTY=2"}) ==
+        std::vector<std::string>{"PATH=/usr/bin:/bin", "GREETING=hi", "EQ=a=b", "GREET=x",
+                                 "EMPTY=2"});
+}
+
+TEST_CASE("msb exec takes what it leaves out from the sandbox's image", "[agent]") {
+  // A sandbox folder as msb create leaves it, its control socket the mux's (Sandbox::exec reads
+  // config.json, then speaks to the VMM over the socket, as msb exec does).
+  Harness h;
+  msb::test::TempDir home_dir;
+  core::Home home = core::Home::resolve(home_dir.path());
+  const std::filesystem::path box = home_dir / "sandboxes" / "box";
+  std::filesystem::create_directories(box);
+  std::filesystem::create_symlink(h.dir / "control.sock", box / "control.sock");
+  auto write_config = [&](const nlohmann::json& image) {
+    msb::test::write_text(box / "config.json",
+                          nlohmann::json{{"name", "box"}, {"image", image}}.dump());
+  };
+  auto exec = [&](ExecOptions options) {
+    std::string out;
+    ExecIo io;
+    io.on_stdout = [&](std::string_view b) { out.append(b); };
+    ExecResult result = core::Sandbox::open(home, "box").exec(options, io);
+    CHECK(result.exit_status() == 0);
+    return out;
+  };
+  core::ImageConfig config;
+  config.entrypoint = {"show", "from-entrypoint"};
+  config.cmd = {"from-cmd"};
+  config.workdir = "/srv";
+  config.user = "tester";
+  write_config({{"tag", "app:1"},
+                {"workdir", config.workdir},
+                {"user", config.user},
+                {"entrypoint", config.entrypoint},
+                {"cmd", config.cmd}});
+
+  // Nothing given: the image's entrypoint, then its command, in its folder, as its user.
+  CHECK(exec({}) == "argv: show from-entrypoint from-cmd\nworkdir: /srv\nuser: tester\n");
+  // What the exec names wins.
+  ExecOptions mine;
+  mine.argv = {"show", "mine"};
+  mine.workdir = "/tmp";
+  mine.user = "1000:1000";
+  CHECK(exec(mine) == "argv: show mine\nworkdir: /tmp\nuser: 1000:1000\n");
+  mine.workdir.clear();
+  CHECK(exec(mine) == "argv: show mine\nworkdir: /srv\nuser: 1000:1000\n");
+  // The same rule as a function (core's, which msb run's and exec's paths share).
+  ExecOptions filled = core::with_image_defaults({}, config);
+  CHECK(filled.argv == std::vector<std::string>{"show", "from-entrypoint", "from-cmd"});
+  config.entrypoint.clear();
+  CHECK(core::with_image_defaults({}, config).argv == std::vector<std::string>{"from-cmd"});
+
+  // An image with neither, and no command: refused before anything reaches the guest.
+  write_config({{"tag", "bare:1"}, {"workdir", "/"}});
+  const int execs = h.guest->execs;
+  CHECK_THROWS_WITH(exec({}), "exec needs a command (the image names none)");
+  CHECK(h.guest->execs == execs);
+  // Without an image the agent's defaults apply: nothing is filled in.
+  msb::test::write_text(box / "config.json", nlohmann::json{{"name", "box"}}.dump());
+  ExecOptions plain;
+  plain.argv = {"show"};
+  CHECK(exec(plain) == "argv: show\nworkdir: \nuser: \n");
 }

@@ -17,6 +17,7 @@
 
 #include "core/home.h"
 #include "core/images.h"
+#include "core/sandbox.h"
 #include "tests/linux_guest.h"
 #include "tests/registry.h"
 
@@ -52,7 +53,8 @@ void prerequisites() {
 //            and /etc/layer1-kept
 //   layer 2: umoci's repack of layer 1 with /etc/layer1-only deleted (a whiteout), /srv/owned
 //            owned by 1000:1000 and /usr/bin/setuid-file with mode 4755
-//   config:  Env GREETING=hi, WorkingDir /srv, User tester
+//   config:  Env GREETING=hi, WorkingDir /srv, User tester, Entrypoint sh -c,
+//            Cmd "echo from-cmd $(id -u) $GREETING $EXTRA"
 struct BootableLayout {
   TempDir dir;
   fs::path layout = dir / "layout";
@@ -83,7 +85,8 @@ struct BootableLayout {
     require_run({"/bin/chmod", "4755", (root / "usr/bin/setuid-file").string()});
     require_run({kUmoci, "repack", "--image", image, second.string()});
     require_run({kUmoci, "config", "--image", image, "--config.env", "GREETING=hi",
-                 "--config.workingdir", "/srv", "--config.user", "tester"});
+                 "--config.workingdir", "/srv", "--config.user", "tester", "--config.entrypoint=sh",
+                 "--config.entrypoint=-c", "--config.cmd=echo from-cmd $(id -u) $GREETING $EXTRA"});
   }
 
   // The digest (hex) of tag "1"'s config blob: what msb takes as the image's id.
@@ -120,8 +123,12 @@ void check_image_boots(const msb::core::PreparedImage& image) {
   CHECK(has(config.env, "GREETING=hi"));
   CHECK(config.workdir == "/srv");
   CHECK(config.user == "tester");
+  CHECK(config.entrypoint == std::vector<std::string>{"sh", "-c"});
+  CHECK(config.cmd == std::vector<std::string>{"echo from-cmd $(id -u) $GREETING $EXTRA"});
 
   LinuxGuestOptions options;
+  // The sandbox's environment as msb create makes it: the image's, under `--env EXTRA=1`.
+  options.env = msb::core::merge_env(config.env, {"EXTRA=1"});
   options.root_image = image.ext4;
   options.cpus = 1;
   options.memory_mib = 256;
@@ -150,24 +157,28 @@ void check_image_boots(const msb::core::PreparedImage& image) {
   CHECK(missing.code == 127);
   CHECK(guest.exec(Command({"id", "-u"})).out == "0\n");
 
-  // The image's config applied to an exec, as msb exec applies it: user, working folder, env.
-  GuestResult configured = guest.exec(Command({"sh", "-c", "id -u; id -g; pwd; echo $GREETING"})
-                                          .with_env(config.env)
-                                          .in(config.workdir)
-                                          .as(config.user));
+  // The image's config applied to an exec by msb exec's own rule (core::with_image_defaults):
+  // its user and working folder; the environment is the sandbox's.
+  GuestResult configured = guest.exec(msb::core::with_image_defaults(
+      Command({"sh", "-c", "id -u; id -g; pwd; echo $GREETING $EXTRA"}), config));
   INFO("stderr: " << configured.err);
   CHECK(configured.code == 0);
-  CHECK(configured.out == "1000\n1000\n/srv\nhi\n");
+  CHECK(configured.out == "1000\n1000\n/srv\nhi 1\n");
+  // msb run --image without a command: the entrypoint, then the command.
+  GuestResult ran = guest.exec(msb::core::with_image_defaults({}, config));
+  INFO("stderr: " << ran.err);
+  CHECK(ran.code == 0);
+  CHECK(ran.out == "from-cmd 1000 hi 1\n");
   // tester may write what it owns, not what root does.
   CHECK(guest.exec(Command({"sh", "-c", "echo more >> /srv/owned"}).as(config.user)).code == 0);
   CHECK(guest.exec(Command({"touch", "/srv/not-yours"}).as(config.user)).code != 0);
 
-  CHECK(guest.power_off(30s) == 0);
+  CHECK(guest.power_off(120s) == 0);
 }
 
 }  // namespace
 
-TEST_CASE("An imported OCI image and a pulled one boot the same way", "[linux-guest]") {
+TEST_CASE("An imported OCI image and a pulled one boot the same way", "[linux-guest][needs-root]") {
   prerequisites();
   BootableLayout layout;
   const std::string config_hex = layout.config_hex();

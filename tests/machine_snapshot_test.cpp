@@ -71,6 +71,26 @@ uint64_t ticks(Host& host) {
   return std::stoull(host.run({"ticks"}));
 }
 
+// Runs the test guest's `cat` with no input and a timeout of `timeout_ms`, which the guest
+// enforces on its own timer: it ends the cat (killed, signal 9) once the ticks for it have passed
+// (10 per 100 ms), however long that takes the host.
+void cat_until_timeout(Host& host, uint32_t timeout_ms) {
+  const uint32_t id = host.next_id++;
+  const agent::ExecPayload exec{1, 0, timeout_ms, 0};
+  std::string payload(reinterpret_cast<const char*>(&exec), sizeof exec);
+  payload.append("cat").push_back('\0');
+  payload.push_back('\0');  // the working directory: the default
+  host.write_frame(agent::kExec, id, payload);
+  auto [header, data] = host.read_frame();
+  REQUIRE(header.id == id);
+  REQUIRE(header.type == agent::kExit);
+  REQUIRE(data.size() == sizeof(agent::ExitPayload));
+  agent::ExitPayload status;
+  std::memcpy(&status, data.data(), sizeof status);
+  REQUIRE(status.code == -1);
+  REQUIRE(status.signal == 9);
+}
+
 void write_file(const std::filesystem::path& path, std::span<const std::byte> bytes) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   REQUIRE(fd >= 0);
@@ -192,7 +212,12 @@ TEST_CASE("a restored machine goes on where the original was, and both go on ind
   std::printf("restore: Machine::restore %.2f ms, then first exec answered after %.2f ms\n",
               build_ms, ms_since(run_start));
   REQUIRE(restored_host.run({"sum", "8"}) == fill_checksum(8, 7));
-  REQUIRE(ticks(restored_host) >= ticks_before);
+  // Its timer goes on from the original's count, and counts: a 100 ms timeout, which the guest
+  // measures in its own ticks, ends a cat between two readings.
+  const uint64_t restored_ticks = ticks(restored_host);
+  REQUIRE(restored_ticks >= ticks_before);
+  cat_until_timeout(restored_host, 100);
+  REQUIRE(ticks(restored_host) >= restored_ticks + 10);
   REQUIRE(restored_host.run({"disk-read", "1"}) == fill_checksum(1, 5));
   REQUIRE(restored_host.run({"cpus"}) == "2\n");
 

@@ -130,11 +130,20 @@ TEST_CASE("a machine that cannot be built says what is wrong", "[machine][kvm]")
 TEST_CASE("stop() ends a machine whose guest spins forever", "[machine][kvm]") {
   test::skip_without_kvm();
   test::TempDir dir;
-  test::write_text(dir.path() / "kernel", test::tiny_kernel({0xeb, 0xfe}));  // jmp .
+  std::vector<uint8_t> code;
+  for (char c : std::string("spinning\n"))
+    out_byte(code, 0x3f8, uint8_t(c));
+  code.insert(code.end(), {0xeb, 0xfe});  // jmp .
+  test::write_text(dir.path() / "kernel", test::tiny_kernel(code));
   MachineFixture fixture(dir.path(), dir.path() / "kernel", 1, 64, 1 << 20);
   auto machine = Machine::create(fixture.config);
   machine->start();
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  // Stopped once the guest runs its loop (its line is out), not at some moment before or after.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (test::read_text(fixture.log_path) != "spinning\n" &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  REQUIRE(test::read_text(fixture.log_path) == "spinning\n");
   machine->stop();
   auto exit = machine->wait();
   REQUIRE(exit.reason == MachineExit::Reason::kPoweredOff);
@@ -217,13 +226,13 @@ void boot_linux_and_check_console(const std::filesystem::path& kernel) {
 
 // The uncompressed kernel (ELF vmlinux) reaches these lines in about 25 s even here.
 TEST_CASE("Linux (vmlinux) reads msb's command line, e820 map and ACPI tables",
-          "[linux-smoke][kvm]") {
+          "[linux-smoke][kvm][needs-hw-virt]") {
   boot_linux_and_check_console(std::filesystem::path(MSB_LINUX_KERNEL_DIR) / "vmlinux");
 }
 
 // The bzImage first decompresses itself in kernel mode: minutes where that is emulated.
 TEST_CASE("Linux (bzImage) reads msb's command line, e820 map and ACPI tables",
-          "[linux-smoke][kvm]") {
+          "[linux-smoke][kvm][needs-hw-virt]") {
   if (!hardware_virtualization()) {
     std::printf(
         "SKIPPED: /proc/cpuinfo shows neither vmx nor svm: the bzImage's decompressor would run "

@@ -2,17 +2,20 @@
 // restore, forks, overrides, names and lifetimes, integrity, and what an interrupted snapshot
 // leaves. Each test exits 77 with the reason printed where /dev/kvm is missing.
 #include <signal.h>
-#include <stdlib.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
+#include <algorithm>
 #include <fstream>
+#include <iterator>
+#include <map>
 #include <set>
-#include <thread>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "tests/msb_cli.h"
 
+using msb::test::Background;
 using msb::test::checksum_line;
 using msb::test::Msb;
 using msb::test::ProcessResult;
@@ -52,6 +55,50 @@ bool listed(const nlohmann::json& list, const std::string& handle) {
     if (s.at("handle") == handle) return true;
   return false;
 }
+
+std::set<std::string> handles(Msb& msb) {
+  std::set<std::string> out;
+  for (const auto& s : snapshot_list(msb))
+    out.insert(s.at("handle").get<std::string>());
+  return out;
+}
+
+// Whether process `pid` has a snapshot's staging memfd open (core/vmm_snapshot.h): a VMM holds it
+// from its capture until the commit, or until it abandons the capture.
+bool holds_staging(int pid) {
+  std::error_code ec;
+  for (const auto& fd : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    std::error_code unreadable;
+    const fs::path target = fs::read_symlink(fd.path(), unreadable);
+    if (!unreadable && target.string().find("msb-snapshot-staging") != std::string::npos) {
+      return true;
+    }
+  }
+  return false;
+}
+
+size_t entries(const fs::path& dir) {
+  size_t n = 0;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec))
+    ++n;
+  return n;
+}
+
+// Which process a snapshot create's test hook stops, and what the test does to it.
+enum class Kill {
+  kClient,                // SIGKILL the client (msb snapshot create) stopped at the point
+  kVmm,                   // SIGKILL the VMM stopped at the point
+  kVmmWhileClientStores,  // SIGKILL the VMM while the client stands at the point; then SIGCONT it
+};
+
+struct Interruption {
+  const char* point;  // the test hook, in core/snapshot.cpp (the client) or core/vmm_process.cpp
+  Kill kill;
+  bool vmm_holds_staging;  // the VMM holds its staging area at the point
+  bool stored;             // the snapshot ends up stored and named
+};
 
 }  // namespace
 
@@ -243,40 +290,154 @@ TEST_CASE("a corrupted chunk is named, and nothing starts from it", "[snapshot]"
   REQUIRE_FALSE(fs::exists(msb.home / "cache" / "snapshots" / handle));
 }
 
-TEST_CASE("killing the VMM or the client during snapshot create leaves a consistent store",
+// Each step of `msb snapshot create` interrupted in turn, at a test hook (core/test_hooks.h) where
+// the process that reached it stopped itself: what each step leaves must be a consistent store, no
+// name for a snapshot that was not stored whole, a sandbox that goes on (or, its VMM killed, is
+// failed and starts again), and every snapshot taken before or since restoring as it was.
+TEST_CASE("killing the client or the VMM at each step of snapshot create leaves a consistent store",
           "[snapshot]") {
   Msb msb;
-  ::setenv("MSB_HOME", msb.home.path().c_str(), 1);
-  require_ok(msb({"create", "box", "--memory", "160"}));
-  REQUIRE(msb.exec({"fill", "96", "13"}) == checksum_line(13, 96));
+  msb::test::TempDir hooks;
+  // In every msb command this test runs, and in the VMMs msb create and msb start spawn.
+  msb.env["MSB_TEST_HOOKS"] = hooks.path().string();
+  require_ok(msb({"create", "box", "--memory", "64"}));
 
-  // The client killed while it stores: the sandbox keeps running and snapshots again.
-  pid_t client = msb::test::spawn_process({MSB_BINARY, "snapshot", "create", "box", "--resume"});
-  std::this_thread::sleep_for(std::chrono::milliseconds(400));
-  ::kill(client, SIGKILL);
-  msb::test::wait_process(client);
-  require_ok(msb({"store", "verify"}));
-  REQUIRE(msb.exec({"sum", "96"}) == checksum_line(13, 96));
-  std::string handle = handle_of(msb, {"box", "--resume"});
-  require_ok(msb({"restore", handle, "--name", "after"}));
-  REQUIRE(msb.exec_in("after", {"sum", "96"}) == checksum_line(13, 96));
+  // Each round fills this much guest memory with a pattern of its own before its snapshot.
+  constexpr uint64_t kMib = 16;
+  const std::string mib = std::to_string(kMib);
+  auto fill = [&](uint64_t seed) {
+    REQUIRE(msb.exec({"fill", mib, std::to_string(seed)}) == checksum_line(seed, kMib));
+  };
+  // Every snapshot that must restore: its memory's checksum, and where it came from.
+  std::map<std::string, std::pair<std::string, std::string>> expected;
+  uint64_t seed = 13;
+  fill(seed);
+  const std::string first = handle_of(msb, {"box", "--resume"});
+  require_ok(msb({"snapshot", "save-named", first, "first"}));
+  expected[first] = {checksum_line(seed, kMib), "the first snapshot"};
 
-  // The VMM killed while a snapshot is taken.
-  REQUIRE(msb.exec({"fill", "64", "14"}) == checksum_line(14, 64));
-  int vmm = 0;
-  std::ifstream(msb.dir("box") / "pid") >> vmm;
-  REQUIRE(vmm > 0);
-  pid_t taker = msb::test::spawn_process({MSB_BINARY, "snapshot", "create", "box"});
-  std::this_thread::sleep_for(std::chrono::milliseconds(150));
-  ::kill(vmm, SIGKILL);
-  int code = msb::test::wait_process(taker);
-  INFO("snapshot create exit code " << code);
-  REQUIRE((code == 0 || code == 1));
-  ::unsetenv("MSB_HOME");
+  const Interruption interruptions[] = {
+      // The client, from the capture it was given to what it told the VMM.
+      {"snapshot-captured", Kill::kClient, true, false},
+      {"snapshot-storing-memory", Kill::kClient, true, false},
+      {"snapshot-stored", Kill::kClient, true, false},
+      {"snapshot-manifest", Kill::kClient, true, false},
+      {"snapshot-named", Kill::kClient, true, true},
+      {"snapshot-committed", Kill::kClient, false, true},
+      // The VMM: before its capture, with the capture staged but not yet handed over, and when
+      // the client, done, tells it the handle.
+      {"vmm-snapshot-capture", Kill::kVmm, false, false},
+      {"vmm-snapshot-captured", Kill::kVmm, true, false},
+      {"vmm-snapshot-commit", Kill::kVmm, true, true},
+      // The VMM while the client stores what it staged: the client finishes from the staging
+      // area it mapped.
+      {"snapshot-storing-memory", Kill::kVmmWhileClientStores, true, true},
+  };
+  for (const Interruption& at : interruptions) {
+    ++seed;
+    const std::string point = at.point;
+    const std::string label = at.kill == Kill::kClient ? "the client killed at " + point
+                              : at.kill == Kill::kVmm
+                                  ? "the VMM killed at " + point
+                                  : "the VMM killed while the client stood at " + point;
+    INFO(label);
+    fill(seed);
+    const std::set<std::string> before = handles(msb);
+    const int vmm = std::stoi(msb::test::read_text(msb.dir("box") / "pid"));
+    REQUIRE(msb::test::process_alive(vmm));
+
+    msb::test::write_text(hooks / (point + ".arm"), "");
+    Background client(msb, {"snapshot", "create", "box", "--resume", "--json"});
+    // The process that reaches the point writes its pid there, then stops itself.
+    const fs::path reached = hooks / point;
+    REQUIRE(msb::test::eventually([&] { return fs::exists(reached) || client.exited(); }));
+    {
+      INFO("msb snapshot create: exit " << client.result().exit_code
+                                        << ", stderr: " << client.result().err);
+      REQUIRE(fs::exists(reached));
+    }
+    REQUIRE_FALSE(fs::exists(hooks / (point + ".arm")));  // claimed
+    const int stopped = std::stoi(msb::test::read_text(reached));
+    REQUIRE(stopped == (at.kill == Kill::kVmm ? vmm : client.pid()));
+    REQUIRE(msb::test::eventually([&] { return msb::test::process_state(stopped) == 'T'; }));
+    // Where it stands: the VMM holds its staging area from its capture to the commit.
+    REQUIRE(holds_staging(vmm) == at.vmm_holds_staging);
+    const size_t temp_files = entries(msb.home / "store" / "tmp");
+    fs::remove(reached);
+
+    ProcessResult result;
+    if (at.kill == Kill::kClient) {
+      REQUIRE(::kill(client.pid(), SIGKILL) == 0);
+      result = client.wait();
+      REQUIRE(result.exit_code == 128 + SIGKILL);
+    } else {
+      REQUIRE(::kill(vmm, SIGKILL) == 0);
+      REQUIRE(msb::test::eventually([&] { return !msb::test::process_alive(vmm); }));
+      if (at.kill == Kill::kVmmWhileClientStores) REQUIRE(::kill(client.pid(), SIGCONT) == 0);
+      result = client.wait();
+      if (at.stored) {
+        // The snapshot was (or is then) stored and named: the client says so, whatever the VMM.
+        require_ok(result);
+      } else {
+        require_error(result, "snapshot of sandbox \"box\": its VMM went away");
+      }
+    }
+
+    // The store is intact. An interrupted writer leaves temporary files at most, which gc takes
+    // with whatever no name holds.
+    ProcessResult verify = msb({"store", "verify"});
+    require_ok(verify);
+    if (at.kill == Kill::kClient && temp_files > 0) {
+      REQUIRE_THAT(verify.out, Catch::Contains("temporary files left by interrupted writers"));
+    }
+    require_ok(msb({"store", "gc"}));
+    verify = msb({"store", "verify"});
+    require_ok(verify);
+    REQUIRE_THAT(verify.out, !Catch::Contains("temporary files"));
+
+    // A snapshot is listed once it is stored whole, and only then; none listed before is lost.
+    const std::set<std::string> after = handles(msb);
+    REQUIRE(std::includes(after.begin(), after.end(), before.begin(), before.end()));
+    std::vector<std::string> added;
+    std::set_difference(after.begin(), after.end(), before.begin(), before.end(),
+                        std::back_inserter(added));
+    REQUIRE(added.size() == (at.stored ? 1u : 0u));
+    if (at.stored) {
+      if (result.exit_code == 0)
+        REQUIRE(nlohmann::json::parse(result.out).at("handle") == added[0]);
+      require_ok(msb({"snapshot", "inspect", added[0], "--verify"}));
+      expected[added[0]] = {checksum_line(seed, kMib), "the snapshot taken with " + label};
+    }
+
+    if (at.kill == Kill::kClient) {
+      // The VMM lets go of the capture its client left behind, and the sandbox runs on.
+      REQUIRE(msb::test::eventually([&] { return !holds_staging(vmm); }));
+      REQUIRE(state_of(msb, "box") == "running");
+      REQUIRE(msb::test::process_alive(vmm));
+    } else {
+      REQUIRE(msb::test::eventually([&] { return state_of(msb, "box") == "failed"; }));
+      nlohmann::json box = msb.ls().at(0);
+      REQUIRE(box.at("reason") == "killed");
+      require_ok(msb({"start", "box"}));
+      REQUIRE(state_of(msb, "box") == "running");
+      fill(seed);  // a boot: the guest's memory starts over
+    }
+    // Either way it snapshots again, with everything that changed since its last stored snapshot.
+    const std::string again = handle_of(msb, {"box", "--resume"});
+    expected[again] = {checksum_line(seed, kMib), "the snapshot after " + label};
+  }
+
+  // Every snapshot taken, first to last, restores with its memory as it was.
+  int n = 0;
+  for (const auto& [handle, what] : expected) {
+    INFO(what.second << ": " << handle);
+    const std::string name = "check-" + std::to_string(n++);
+    require_ok(msb({"restore", handle, "--name", name}));
+    REQUIRE(msb.exec_in(name, {"sum", mib}) == what.first);
+    require_ok(msb({"rm", "--force", name}));
+    fs::remove_all(msb.home / "cache" / "snapshots" / handle);  // a cache: rebuilt when needed
+  }
   require_ok(msb({"store", "verify"}));
-  REQUIRE(state_of(msb, "box") == "failed");
-  // What was stored before is intact.
-  REQUIRE(msb.exec_in("after", {"sum", "96"}) == checksum_line(13, 96));
 }
 
 TEST_CASE("removing a snapshot and collecting garbage while its forks run breaks none of them",
@@ -290,7 +451,17 @@ TEST_CASE("removing a snapshot and collecting garbage while its forks run breaks
   require_ok(msb({"restore", "base", "--name", "g", "--fork", "2"}));
   require_ok(msb({"rm", "--force", "box"}));
   require_ok(msb({"snapshot", "rm", "base"}));
-  require_ok(msb({"store", "gc"}));
+  // gc runs to the end, with no snapshot listed any more, and keeps what the forks hold: every
+  // chunk left is one it decided to keep ("kept N chunks"), not one it never looked at.
+  ProcessResult gc = msb({"store", "gc"});
+  require_ok(gc);
+  const size_t kept_at = gc.out.find("; kept ");
+  REQUIRE(kept_at != std::string::npos);
+  const uint64_t kept = std::stoull(gc.out.substr(kept_at + 7));
+  REQUIRE(kept > 0);
+  ProcessResult held = msb({"store", "stats", "--json"});
+  require_ok(held);
+  REQUIRE(nlohmann::json::parse(held.out).at("chunks") == kept);
   REQUIRE(snapshot_list(msb).empty());
   for (const char* name : {"g-0", "g-1"}) {
     REQUIRE(msb.exec_in(name, {"sum", "4"}) == checksum_line(31, 4));
@@ -319,22 +490,21 @@ TEST_CASE("snapshot commands refuse bad input with one clear line", "[snapshot]"
   require_error(msb({"snapshot", "rm", "nothing"}), "no snapshot \"nothing\"");
 
   require_ok(msb({"create", "box", "--memory", "32"}));
-  // A snapshot needs the agent idle: not while a command runs.
-  pid_t cat =
-      msb::test::spawn_process({"/bin/sh", "-c",
-                                std::string("sleep 2 | MSB_HOME=") + msb.home.path().string() +
-                                    " " + MSB_BINARY + " exec box -- cat"});
-  bool refused = false;
-  for (int i = 0; i < 100 && !refused; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    ProcessResult r = msb({"snapshot", "create", "box", "--resume"});
-    if (r.exit_code != 0) {
-      require_error(r, "running in the sandbox");
-      refused = true;
-    }
-  }
-  REQUIRE(refused);
-  REQUIRE(msb::test::wait_process(cat) == 0);  // cat ends with its input
+  // A snapshot needs the agent idle: not while a command runs. The cat runs (the VMM says so)
+  // until its input ends.
+  msb::test::InputFifo input;
+  Background cat(msb, {"exec", "box", "--", "cat"}, input.path());
+  REQUIRE(msb::test::eventually(
+      [&] { return cat.exited() || msb.vmm_status("box").at("running") == 1; }));
+  REQUIRE_FALSE(cat.exited());
+  require_error(msb({"snapshot", "create", "box", "--resume"}),
+                "1 command(s) are running in the sandbox");
+  REQUIRE(state_of(msb, "box") == "running");  // refused before it paused anything
+  input.write("the end\n");
+  input.close();
+  ProcessResult cat_result = cat.wait();
+  require_ok(cat_result);
+  REQUIRE(cat_result.out == "the end\n");
 
   std::string handle = handle_of(msb, {"box", "--resume"});
   require_error(msb({"snapshot", "save-named", handle, "sandbox.mine"}), "msb's own");
