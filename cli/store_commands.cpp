@@ -37,9 +37,12 @@ std::string ratio(double r) {
 
 int run_put(const GlobalOptions& global, const StoreArgs& args) {
   auto store = home_of(global).open_store();
-  Progress progress("storing " + args.file, global.quiet);
-  core::PutResult result =
-      core::put_file(*store, args.name, args.file, args.force, progress.callback());
+  core::PutResult result;
+  {
+    // Erased (on destruction) before the result line, which would otherwise follow it.
+    Progress progress("storing " + args.file, global.quiet);
+    result = core::put_file(*store, args.name, args.file, args.force, progress.callback());
+  }
   size_t zero = 0;
   for (const auto& c : result.object.chunks)
     zero += c ? 0 : 1;
@@ -51,8 +54,11 @@ int run_put(const GlobalOptions& global, const StoreArgs& args) {
 
 int run_get(const GlobalOptions& global, const StoreArgs& args) {
   auto store = home_of(global).open_store();
-  Progress progress("writing " + args.file, global.quiet);
-  uint64_t size = core::get_file(*store, args.name, args.file, progress.callback());
+  uint64_t size = 0;
+  {
+    Progress progress("writing " + args.file, global.quiet);
+    size = core::get_file(*store, args.name, args.file, progress.callback());
+  }
   if (!global.quiet) {
     std::printf("%s: wrote %s to %s\n", args.name.c_str(), human_bytes(size).c_str(),
                 args.file.c_str());

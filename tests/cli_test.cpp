@@ -1,4 +1,7 @@
 // Unit tier: the msb executable's store commands, run as a user would (no KVM needed).
+#include <pty.h>
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -35,6 +38,47 @@ fs::path make_file(const TempDir& dir, const std::string& name, uint64_t seed, s
   fs::path path = dir / name;
   msb::test::write_text(path, std::string(reinterpret_cast<const char*>(data.data()), data.size()));
   return path;
+}
+
+// `msb ARGS...` with stdin, stdout and stderr on a terminal, as a user at a terminal runs it:
+// what the terminal received (both streams) and the exit status.
+ProcessResult run_on_terminal(const Msb& msb, const std::vector<std::string>& args) {
+  winsize size{};
+  size.ws_row = 24;
+  size.ws_col = 120;
+  int terminal = -1;
+  pid_t pid = ::forkpty(&terminal, nullptr, nullptr, &size);
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::setenv("MSB_HOME", msb.home.path().c_str(), 1);
+    std::vector<char*> argv = {const_cast<char*>(MSB_BINARY)};
+    for (const auto& arg : args)
+      argv.push_back(const_cast<char*>(arg.c_str()));
+    argv.push_back(nullptr);
+    ::execv(MSB_BINARY, argv.data());
+    ::_exit(127);
+  }
+  ProcessResult result;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(terminal, buf, sizeof buf);
+    if (n > 0) {
+      result.out.append(buf, static_cast<size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;  // EIO: msb exited, and nothing else has the terminal open
+    }
+  }
+  ::close(terminal);
+  result.exit_code = msb::test::wait_process(pid);
+  return result;
+}
+
+uint64_t stored_bytes(Msb& msb) {
+  ProcessResult r = msb({"store", "stats", "--json"});
+  REQUIRE(r.exit_code == 0);
+  return nlohmann::json::parse(r.out).at("stored_bytes").get<uint64_t>();
 }
 
 }  // namespace
@@ -128,6 +172,81 @@ TEST_CASE("bad input gets a one-line error and changes nothing", "[cli]") {
   REQUIRE(msb({"store", "put", "keep", file.string(), "--force"}).exit_code == 0);
 }
 
+TEST_CASE("MSB_ZSTD_LEVEL sets how hard new chunks are compressed", "[cli]") {
+  TempDir files;
+  fs::path file = make_file(files, "f", 6, 4 * 1024 * 1024);
+  // The same file stored at the default level, at level 1 (the documented default), at 19 and
+  // at -7 (the fastest), each in a store of its own.
+  std::map<std::string, uint64_t> stored;
+  for (const char* level : {"", "1", "19", "-7"}) {
+    Msb msb;
+    ProcessResult put = msb({"store", "put", "f", file.string()}, {{"MSB_ZSTD_LEVEL", level}});
+    INFO("MSB_ZSTD_LEVEL=" << level << ": " << put.err);
+    REQUIRE(put.exit_code == 0);
+    stored[level] = stored_bytes(msb);
+    // Whatever the level, the file comes back as it was.
+    REQUIRE(msb({"store", "get", "f", (files / "back").string()}).exit_code == 0);
+    REQUIRE(msb::test::read_text(files / "back") == msb::test::read_text(file));
+    REQUIRE(msb({"store", "verify"}).exit_code == 0);
+  }
+  INFO("stored bytes: default " << stored[""] << ", 1: " << stored["1"] << ", 19: " << stored["19"]
+                                << ", -7: " << stored["-7"]);
+  REQUIRE(stored[""] == stored["1"]);
+  REQUIRE(stored["19"] < stored["1"]);
+  REQUIRE(stored["-7"] > stored["1"]);
+
+  // Chunks already stored keep their level: the same data stored again at another level
+  // deduplicates to the chunks there are.
+  Msb msb;
+  REQUIRE(msb({"store", "put", "a", file.string()}, {{"MSB_ZSTD_LEVEL", "19"}}).exit_code == 0);
+  REQUIRE(msb({"store", "put", "b", file.string()}, {{"MSB_ZSTD_LEVEL", "1"}}).exit_code == 0);
+  REQUIRE(stored_bytes(msb) == stored["19"]);
+}
+
+TEST_CASE("msb -q and --quiet leave out progress and messages but not results", "[cli]") {
+  Msb msb;
+  TempDir files;
+  fs::path file = make_file(files, "f", 7, 5 * 1024 * 1024);
+
+  // On a terminal, store put shows its progress; -q leaves it out, and the result stays.
+  ProcessResult put = run_on_terminal(msb, {"store", "put", "first", file.string()});
+  INFO(put.out);
+  REQUIRE(put.exit_code == 0);
+  REQUIRE_THAT(put.out, Catch::Contains("storing " + file.string()) && Catch::Contains("100%") &&
+                            Catch::Contains("first: 5.0 MiB in "));
+  put = run_on_terminal(msb, {"-q", "store", "put", "second", file.string()});
+  INFO(put.out);
+  REQUIRE(put.exit_code == 0);
+  REQUIRE_THAT(put.out, Catch::StartsWith("second: 5.0 MiB in "));
+  REQUIRE(put.out.find("storing") == std::string::npos);
+  REQUIRE(put.out.find('\x1b') == std::string::npos);  // no progress line drawn and erased
+
+  ProcessResult get = run_on_terminal(msb, {"store", "get", "first", (files / "a").string()});
+  REQUIRE(get.exit_code == 0);
+  REQUIRE_THAT(get.out, Catch::Contains("writing ") && Catch::Contains("first: wrote 5.0 MiB"));
+  get = run_on_terminal(msb, {"store", "get", "--quiet", "first", (files / "b").string()});
+  REQUIRE(get.exit_code == 0);
+  REQUIRE(get.out.empty());  // the option may follow the command
+  REQUIRE(msb::test::read_text(files / "b") == msb::test::read_text(file));
+
+  // Off a terminal: the messages of get and rm go, errors stay.
+  ProcessResult r = msb({"store", "get", "first", (files / "c").string()});
+  REQUIRE(r.exit_code == 0);
+  REQUIRE_THAT(r.out, Catch::StartsWith("first: wrote 5.0 MiB to "));
+  r = msb({"--quiet", "store", "get", "first", (files / "d").string()});
+  REQUIRE(r.exit_code == 0);
+  REQUIRE(r.out.empty());
+  REQUIRE(r.err.empty());
+  REQUIRE(msb::test::read_text(files / "d") == msb::test::read_text(file));
+  r = msb({"store", "rm", "first"});
+  REQUIRE_THAT(r.out, Catch::StartsWith("removed 1 name"));
+  r = msb({"-q", "store", "rm", "second"});
+  REQUIRE(r.exit_code == 0);
+  REQUIRE(r.out.empty());
+  require_error(msb({"-q", "store", "rm", "second"}), 1, "no name \"second\"");
+  REQUIRE(nlohmann::json::parse(msb({"store", "ls", "--json"}).out).empty());
+}
+
 TEST_CASE("verify exits non-zero naming a corrupt chunk", "[cli]") {
   Msb msb;
   TempDir files;
@@ -202,6 +321,21 @@ TEST_CASE("bad sandbox input gets a one-line error before anything starts", "[cl
   require_error(msb({"run", "--kernel", k, "--timeout", "0", "--", "echo"}), 1,
                 "--timeout \"0\": not a positive number of seconds");
   require_error(msb({"exec", "nope"}), 2, "COMMAND");
+  // msb run checks create's options the same way, before anything starts.
+  require_error(msb({"run", "--kernel", k, "--memory", "512", "--max-memory", "256", "--", "echo"}),
+                1, "--memory 512 MiB is over --max-memory 256 MiB");
+  require_error(msb({"run", "--kernel", k, "--cpus", "4", "--max-cpus", "2", "--", "echo"}), 1,
+                "--cpus 4 is over --max-cpus 2");
+  require_error(msb({"run", "--kernel", k, "--initrd", (files / "gone").string(), "--", "echo"}), 1,
+                "initrd " + (files / "gone").string() + ": not found");
+  require_error(msb({"run", "--kernel", k, "--disk", (files / "gone").string(), "--", "echo"}), 1,
+                "disk " + (files / "gone").string() + ": not found");
+  require_error(msb({"run", "--kernel", k, "--disk-size", "0", "--", "echo"}), 1,
+                "--disk-size must be at least 1 MiB");
+  require_error(msb({"run", "--kernel", k, "--env", "NOEQUALS", "--", "echo"}), 1,
+                "--env \"NOEQUALS\": expected KEY=VALUE");
+  require_error(msb({"run", "--kernel", k, "--image", "nope:1", "--", "echo"}), 1,
+                "no image nope:1");
 
   // None of them left a sandbox behind.
   ProcessResult ls = msb({"ls", "--json"});

@@ -2,11 +2,16 @@
 // skopeo, pulled directly and through tests/registry_token_proxy.py, which authenticates the way
 // Docker Hub does (401, Bearer challenge, token service, blob redirects to "storage").
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <ifaddrs.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <algorithm>
 #include <chrono>
@@ -72,6 +77,30 @@ class TokenProxy {
  private:
   TempDir dir_;
   std::string host_;
+  uint16_t port_;
+  std::optional<Server> server_;
+};
+
+// tests/registry_token_proxy.py as a plain forward proxy (what http_proxy and https_proxy name),
+// on loopback: it forwards http:// requests and answers CONNECT with 502, logging each request.
+class ForwardProxy {
+ public:
+  ForwardProxy() : port_(free_port("127.0.0.1")) {
+    server_.emplace(
+        std::vector<std::string>{kPython, std::string(MSB_TEST_DIR) + "/registry_token_proxy.py",
+                                 "--port", std::to_string(port_), "--forward-proxy", "--log",
+                                 (dir_ / "requests.log").string()},
+        "127.0.0.1", port_, dir_ / "proxy.log");
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
+  // One line per request: "GET http://HOST:PORT/PATH auth|-", "CONNECT HOST:PORT -".
+  std::string requests() const {
+    std::error_code ec;
+    return fs::exists(dir_ / "requests.log", ec) ? read_text(dir_ / "requests.log") : "";
+  }
+
+ private:
+  TempDir dir_;
   uint16_t port_;
   std::optional<Server> server_;
 };
@@ -224,6 +253,89 @@ std::optional<std::string> non_loopback_address() {
   return found;
 }
 
+// The first of /usr/sbin/ip, /sbin/ip, /bin/ip that exists (Debian's iproute2), or "".
+std::string ip_tool() {
+  for (const char* path : {"/usr/sbin/ip", "/sbin/ip", "/bin/ip", "/usr/bin/ip"}) {
+    if (::access(path, X_OK) == 0) return path;
+  }
+  return "";
+}
+
+// A non-loopback IPv4 address that msb can reach a registry at. As root, this test process moves
+// into a network namespace of its own (put back when this ends), with lo up and 10.203.0.1 on a
+// dummy interface (on lo where the kernel has no dummy driver): what msb does with an address
+// that is not loopback does not depend on the host's network then. Otherwise the host's own
+// non-loopback address, if it has one. Without either the test is skipped (exit 77), saying why:
+// it must not pass without checking anything.
+class NonLoopbackAddress {
+ public:
+  explicit NonLoopbackAddress(const std::string& who) {
+    std::string why_not;
+    if (::geteuid() != 0) {
+      why_not = "not running as root";
+    } else if (std::string ip = ip_tool(); ip.empty()) {
+      why_not = "no ip command (Debian package iproute2)";
+    } else {
+      enter_namespace(ip, why_not);
+    }
+    if (!address_.empty()) return;
+    if (std::optional<std::string> host = non_loopback_address()) {
+      std::printf("note: no network namespace (%s): using this host's address %s\n",
+                  why_not.c_str(), host->c_str());
+      address_ = *host;
+      return;
+    }
+    std::printf(
+        "SKIPPED: %s needs root (for a network namespace with a non-loopback address) or a "
+        "non-loopback IPv4 address on this host, and has neither (%s)\n",
+        who.c_str(), why_not.c_str());
+    std::exit(77);
+  }
+  ~NonLoopbackAddress() {
+    if (original_ >= 0) {
+      ::setns(original_, CLONE_NEWNET);
+      ::close(original_);
+    }
+  }
+  NonLoopbackAddress(const NonLoopbackAddress&) = delete;
+  NonLoopbackAddress& operator=(const NonLoopbackAddress&) = delete;
+  const std::string& address() const { return address_; }
+
+ private:
+  void enter_namespace(const std::string& ip, std::string& why_not) {
+    original_ = ::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (original_ < 0 || ::unshare(CLONE_NEWNET) != 0) {
+      why_not = std::string("unshare(CLONE_NEWNET): ") + std::strerror(errno);
+      if (original_ >= 0) ::close(original_);
+      original_ = -1;
+      return;
+    }
+    auto ip_ok = [&](std::vector<std::string> args) {
+      args.insert(args.begin(), ip);
+      return run_process(args).exit_code == 0;
+    };
+    const std::string address = "10.203.0.1";
+    bool ok = ip_ok({"link", "set", "lo", "up"});
+    if (ok && ip_ok({"link", "add", "msbtest0", "type", "dummy"})) {
+      ok = ip_ok({"addr", "add", address + "/24", "dev", "msbtest0"}) &&
+           ip_ok({"link", "set", "msbtest0", "up"});
+    } else if (ok) {
+      ok = ip_ok({"addr", "add", address + "/24", "dev", "lo"});
+    }
+    if (!ok) {
+      why_not = "ip could not set up the network namespace";
+      ::setns(original_, CLONE_NEWNET);
+      ::close(original_);
+      original_ = -1;
+      return;
+    }
+    address_ = address;
+  }
+
+  std::string address_;
+  int original_ = -1;  // this process's network namespace before, while in a new one
+};
+
 }  // namespace
 
 TEST_CASE("msb pull imports an image from a loopback registry, by tag and by digest", "[pull]") {
@@ -248,6 +360,15 @@ TEST_CASE("msb pull imports an image from a loopback registry, by tag and by dig
   REQUIRE(again.exit_code == 0);
   CHECK(again.out.find(tag) != std::string::npos);
   CHECK(again.out.find(pulled["id"].get<std::string>().substr(0, 12)) != std::string::npos);
+  // -q: nothing but errors, the image pulled all the same.
+  Msb quiet;
+  ProcessResult silent = quiet({"-q", "pull", tag});
+  INFO(silent.err);
+  REQUIRE(silent.exit_code == 0);
+  CHECK(silent.out.empty());
+  CHECK(silent.err.empty());
+  REQUIRE(quiet.image(tag));
+  CHECK((*quiet.image(tag))["id"] == pulled["id"]);
 
   // By digest: checked against the manifest, tagged NAME:sha256-<12 hex digits>.
   std::string digest = image.descriptor("1")["digest"];
@@ -374,27 +495,95 @@ TEST_CASE("msb pull fails with the reference and the reason, and stores nothing"
 
 TEST_CASE("msb pull uses plain HTTP only for loopback and MSB_INSECURE_REGISTRIES", "[pull]") {
   skip_without_tools();
-  std::optional<std::string> host = non_loopback_address();
-  if (!host) {
-    WARN("this machine has no non-loopback IPv4 address: nothing to check");
-    return;
-  }
+  NonLoopbackAddress network("the plain-HTTP rule's test");
+  const std::string host = network.address();
   Registry registry;
   TestImage image;
   image.push("1", registry.address() + "/test/busybox:1");
-  TokenProxy proxy(registry, {}, *host);
+  TokenProxy proxy(registry, {}, host);  // the registry at a non-loopback address
   Msb msb;
   const std::string tag = proxy.address() + "/test/busybox:1";
 
+  // Refused: msb speaks HTTPS to it, which a plain-HTTP registry cannot answer; the error says
+  // what to do. Nothing reached the registry over plain HTTP.
   std::string err = msb.pull_fails(tag);
   CHECK(err.find("https://" + proxy.address()) != std::string::npos);
   CHECK(err.find("MSB_INSECURE_REGISTRIES") != std::string::npos);
-  err = msb.pull_fails(tag, {{"MSB_INSECURE_REGISTRIES", *host + ":1"}});
+  err = msb.pull_fails(tag, {{"MSB_INSECURE_REGISTRIES", host + ":1"}});
   CHECK(err.find("https://") != std::string::npos);
+  CHECK(proxy.requests().empty());
+  CHECK(!msb.image(tag));
 
+  // Allowed where MSB_INSECURE_REGISTRIES lists it, by HOST:PORT or by HOST (every port).
   require_test_config(
       msb.pull(tag, {{"MSB_INSECURE_REGISTRIES", "other.example," + proxy.address()}}));
   REQUIRE(msb.image(tag));
+  CHECK(proxy.requests().find("GET /v2/test/busybox/manifests/1") != std::string::npos);
+  Msb by_host;
+  require_test_config(by_host.pull(tag, {{"MSB_INSECURE_REGISTRIES", host}}));
+  msb.require_no_downloads();
+}
+
+TEST_CASE("msb pull goes through http_proxy and https_proxy but not for what NO_PROXY names",
+          "[pull]") {
+  skip_without_tools();
+  // Loopback never goes through a proxy (msb adds it to NO_PROXY): the registry is reached at
+  // a non-loopback address.
+  NonLoopbackAddress network("the proxy test");
+  const std::string host = network.address();
+  Registry registry;
+  TestImage image;
+  image.push("1", registry.address() + "/test/busybox:1");
+  TokenProxy front(registry, {}, host);
+  ForwardProxy proxy;
+  const std::string tag = front.address() + "/test/busybox:1";
+  const std::map<std::string, std::string> insecure = {
+      {"MSB_INSECURE_REGISTRIES", front.address()}};
+  auto with = [&](std::map<std::string, std::string> env) {
+    env.insert(insecure.begin(), insecure.end());
+    return env;
+  };
+
+  SECTION("plain HTTP through http_proxy") {
+    Msb msb;
+    require_test_config(msb.pull(tag, with({{"http_proxy", proxy.url()}})));
+    std::string log = proxy.requests();
+    INFO(log);
+    // Every request went to the proxy, in absolute form: the manifest, the token, the blobs.
+    CHECK(log.find("GET http://" + front.address() + "/v2/test/busybox/manifests/1 -") !=
+          std::string::npos);
+    CHECK(log.find("GET http://" + front.address() + "/token?") != std::string::npos);
+    CHECK(log.find("GET http://" + front.address() + "/v2/test/busybox/blobs/sha256:") !=
+          std::string::npos);
+    CHECK(log.find("GET /") == std::string::npos);
+    CHECK(front.requests().find("GET /v2/test/busybox/manifests/1 auth") != std::string::npos);
+  }
+  SECTION("NO_PROXY sends the registry's requests past the proxy") {
+    Msb msb;
+    require_test_config(msb.pull(tag, with({{"http_proxy", proxy.url()}, {"NO_PROXY", host}})));
+    CHECK(proxy.requests().empty());
+    CHECK(front.requests().find("GET /v2/test/busybox/manifests/1") != std::string::npos);
+    // A proxy that is not there: the pull fails unless NO_PROXY names the registry.
+    const std::string dead = "http://127.0.0.1:" + std::to_string(free_port("127.0.0.1"));
+    Msb other;
+    std::string err = other.pull_fails(tag, with({{"http_proxy", dead}}));
+    CHECK(err.find("cannot reach") != std::string::npos);
+    CHECK(!other.image(tag));
+    require_test_config(other.pull(tag, with({{"http_proxy", dead}, {"NO_PROXY", host}})));
+  }
+  SECTION("HTTPS through https_proxy, as a CONNECT tunnel") {
+    // Without MSB_INSECURE_REGISTRIES msb speaks HTTPS, and asks the proxy for a tunnel (which
+    // this proxy refuses: there is no TLS server to tunnel to).
+    Msb msb;
+    std::string err = msb.pull_fails(tag, {{"https_proxy", proxy.url()}});
+    CHECK(err.find(front.address()) != std::string::npos);
+    CHECK(proxy.requests().find("CONNECT " + front.address() + " -") != std::string::npos);
+    // https_proxy is for HTTPS only; NO_PROXY takes the registry past it.
+    const std::string before = proxy.requests();
+    require_test_config(msb.pull(tag, with({{"https_proxy", proxy.url()}})));
+    msb.pull_fails(tag + "-none", {{"https_proxy", proxy.url()}, {"NO_PROXY", host}});
+    CHECK(proxy.requests() == before);
+  }
 }
 
 TEST_CASE("References name the registry, repository, tag and digest as Docker reads them",

@@ -9,8 +9,14 @@ forwarded to --registry. With --redirect-blobs, blob GETs answer 307 to /storage
 without auth, like the presigned object storage URLs that Docker Hub redirects to. With
 --corrupt-blob DIGEST, that blob is served with its first byte changed.
 
+With --forward-proxy it is instead a plain HTTP forward proxy, as http_proxy names one: it
+forwards absolute-form requests ("GET http://HOST:PORT/v2/... HTTP/1.1") to HOST:PORT and
+answers CONNECT (what https_proxy gets) with 502, so that a test can see which requests came
+through it (--log) without a TLS server behind it.
+
 Python 3 standard library only. Usage:
   registry_token_proxy.py --port PORT --registry http://127.0.0.1:RPORT [options]
+  registry_token_proxy.py --port PORT --forward-proxy --log FILE
 """
 
 import argparse
@@ -31,17 +37,71 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--registry", required=True, help="http://HOST:PORT of the registry")
+    parser.add_argument("--registry", help="http://HOST:PORT of the registry")
+    parser.add_argument("--forward-proxy", action="store_true",
+                        help="be a forward proxy (http_proxy) instead of a registry front end")
     parser.add_argument("--basic", help="USER:PASSWORD that /token requires")
     parser.add_argument("--access-token-only", action="store_true")
     parser.add_argument("--redirect-blobs", action="store_true")
     parser.add_argument("--corrupt-blob", help="sha256:... to serve with one byte changed")
     parser.add_argument("--log", help="append one line per request to this file")
     args = parser.parse_args()
+    if not args.forward_proxy and not args.registry:
+        parser.error("--registry is required (unless --forward-proxy)")
 
-    upstream = urllib.parse.urlsplit(args.registry)
+    upstream = urllib.parse.urlsplit(args.registry or "")
     tokens = set()
     lock = threading.Lock()
+
+    def log_request(command, path, headers):
+        if args.log:
+            with lock, open(args.log, "a") as f:
+                f.write("%s %s %s\n" % (command, path,
+                                        "auth" if headers.get("Authorization") else "-"))
+
+    class ForwardProxy(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *a):
+            pass  # each request is logged as it arrives
+
+        def reply(self, status, body=b"", headers=()):
+            self.send_response(status)
+            for k, v in headers:
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_CONNECT(self):
+            log_request(self.command, self.path, self.headers)
+            self.close_connection = True
+            self.reply(502, b"this test proxy does not tunnel\n")
+
+        def do_HEAD(self):
+            self.do_GET()
+
+        def do_GET(self):
+            log_request(self.command, self.path, self.headers)
+            url = urllib.parse.urlsplit(self.path)
+            if url.scheme != "http" or not url.hostname:
+                return self.reply(400, b"not an absolute http:// URL\n")
+            path = url.path + ("?" + url.query if url.query else "")
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in HOP_BY_HOP and not k.lower().startswith("proxy-")}
+            conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=60)
+            try:
+                conn.request(self.command, path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+            except OSError as e:
+                return self.reply(502, ("cannot reach %s: %s\n" % (url.netloc, e)).encode())
+            finally:
+                conn.close()
+            out = [(k, v) for k, v in resp.getheaders()
+                   if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"]
+            self.reply(resp.status, body, out)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -133,7 +193,8 @@ def main():
                 out.append((k, v))
             self.reply(resp.status, body, out)
 
-    server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
+    handler = ForwardProxy if args.forward_proxy else Handler
+    server = http.server.ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
     print("listening on %s:%d" % (args.host, args.port), flush=True)
     try:
