@@ -22,65 +22,21 @@
 #include "guest/protocol/agent_protocol.h"
 #include "tests/msb_cli.h"
 
+using msb::test::balloon;
 using msb::test::checksum_line;
+using msb::test::entry_of;
+using msb::test::handle_of;
 using msb::test::Msb;
 using msb::test::ProcessResult;
 using msb::test::require_error;
 using msb::test::require_ok;
+using msb::test::settled_balloon;
+using msb::test::snapshot_create;
+using msb::test::vmm_rss_mib;
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-namespace {
-
-// `msb snapshot create ARGS --json`'s handle; the command must succeed.
-std::string handle_of(Msb& msb, std::vector<std::string> args) {
-  args.insert(args.begin(), {"snapshot", "create"});
-  args.push_back("--json");
-  ProcessResult r = msb(args);
-  require_ok(r);
-  return nlohmann::json::parse(r.out).at("handle").get<std::string>();
-}
-
-nlohmann::json entry_of(Msb& msb, const std::string& name) {
-  for (const auto& box : msb.ls())
-    if (box.at("name") == name) return box;
-  FAIL("no sandbox " << name << " in msb ls");
-  return {};
-}
-
-// The sandbox's balloon in msb ls --json once the guest's driver holds what the machine asks
-// for (the test guest answers a restore only then, but ls may miss a VMM busy for a moment).
-// The deadline only catches a hang.
-nlohmann::json settled_balloon(Msb& msb, const std::string& name) {
-  const auto deadline = Clock::now() + std::chrono::minutes(3);
-  for (;;) {
-    nlohmann::json box = entry_of(msb, name);
-    const nlohmann::json& balloon = box.at("balloon");
-    if (balloon.is_object() && balloon.at("actual_mib") == balloon.at("target_mib")) return balloon;
-    INFO("msb ls: " << box.dump());
-    REQUIRE(Clock::now() < deadline);
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
-}
-
-nlohmann::json balloon(uint64_t ram_mib, uint64_t target_mib, uint64_t actual_mib) {
-  return {{"ram_mib", ram_mib}, {"target_mib", target_mib}, {"actual_mib", actual_mib}};
-}
-
-// VmRSS of the sandbox's VMM process (its pid from msb ls), in MiB.
-uint64_t vmm_rss_mib(Msb& msb, const std::string& name) {
-  const nlohmann::json box = entry_of(msb, name);
-  REQUIRE(box.at("pid").is_number());
-  std::ifstream in("/proc/" + std::to_string(box.at("pid").get<int>()) + "/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6)) / 1024;
-  }
-  FAIL("no VmRSS for the VMM of " << name);
-  return 0;
-}
-
-}  // namespace
+namespace {}  // namespace
 
 TEST_CASE(
     "a restore with less memory than its snapshot inflates the balloon, and the host frees it",

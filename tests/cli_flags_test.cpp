@@ -11,6 +11,7 @@
 #include <sstream>
 #include <thread>
 
+#include "cli/output.h"
 #include "tests/msb_cli.h"
 
 using msb::test::Background;
@@ -45,21 +46,6 @@ std::string zero_checksum_line(uint64_t mib) {
     checksum = msb::pattern::checksum_update(checksum, 0);
   char buf[32];
   std::snprintf(buf, sizeof buf, "%016" PRIx64 "\n", checksum);
-  return buf;
-}
-
-// msb's human_bytes (cli/output.cpp): "512 B", "1.5 KiB", "64.0 MiB".
-std::string human_bytes(uint64_t bytes) {
-  static const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
-  if (bytes < 1024) return std::to_string(bytes) + " B";
-  double value = double(bytes);
-  int unit = 0;
-  while (value >= 1024 && unit < 5) {
-    value /= 1024;
-    ++unit;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f %s", value, kUnits[unit]);
   return buf;
 }
 
@@ -409,8 +395,8 @@ TEST_CASE("snapshot ls and inspect print their columns and restore --json its sa
     });
     REQUIRE(row != lines.end());
     const std::string created_at = info.at("created");  // 2026-11-28T13:45:00Z
-    const std::string memory = human_bytes(info.at("memory_bytes").get<uint64_t>());
-    const std::string stored = human_bytes(info.at("stored_bytes").get<uint64_t>());
+    const std::string memory = msb::cli::human_bytes(info.at("memory_bytes").get<uint64_t>());
+    const std::string stored = msb::cli::human_bytes(info.at("stored_bytes").get<uint64_t>());
     std::vector<std::string> expected = {handle == first ? "keep" : "-",
                                          handle.substr(0, 12),
                                          "box",
@@ -440,10 +426,10 @@ TEST_CASE("snapshot ls and inspect print their columns and restore --json its sa
         "source:   box\n" + "created:  " + info.at("created").get<std::string>() + "\n" +
         "parent:   " + (info.at("parent").is_null() ? "-" : info.at("parent").get<std::string>()) +
         "\n" + "cpus:     1 (at most 2)\n" + "memory:   64 MiB (at most 96 MiB)\n" +
-        "disk:     " + human_bytes(info.at("disk_bytes")) + ", delta " +
-        human_bytes(info.at("disk_delta_bytes")) + "\n" +
-        "stored:   " + human_bytes(info.at("stored_bytes")) + " new over its parent, " +
-        human_bytes(info.at("total_bytes")) + " in all\n";
+        "disk:     " + msb::cli::human_bytes(info.at("disk_bytes")) + ", delta " +
+        msb::cli::human_bytes(info.at("disk_delta_bytes")) + "\n" +
+        "stored:   " + msb::cli::human_bytes(info.at("stored_bytes")) + " new over its parent, " +
+        msb::cli::human_bytes(info.at("total_bytes")) + " in all\n";
     ProcessResult inspect = msb({"snapshot", "inspect", ref});
     require_ok(inspect);
     REQUIRE(inspect.out == expected);

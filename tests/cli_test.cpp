@@ -40,39 +40,10 @@ fs::path make_file(const TempDir& dir, const std::string& name, uint64_t seed, s
   return path;
 }
 
-// `msb ARGS...` with stdin, stdout and stderr on a terminal, as a user at a terminal runs it:
-// what the terminal received (both streams) and the exit status.
-ProcessResult run_on_terminal(const Msb& msb, const std::vector<std::string>& args) {
-  winsize size{};
-  size.ws_row = 24;
-  size.ws_col = 120;
-  int terminal = -1;
-  pid_t pid = ::forkpty(&terminal, nullptr, nullptr, &size);
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::setenv("MSB_HOME", msb.home.path().c_str(), 1);
-    std::vector<char*> argv = {const_cast<char*>(MSB_BINARY)};
-    for (const auto& arg : args)
-      argv.push_back(const_cast<char*>(arg.c_str()));
-    argv.push_back(nullptr);
-    ::execv(MSB_BINARY, argv.data());
-    ::_exit(127);
-  }
-  ProcessResult result;
-  char buf[4096];
-  for (;;) {
-    ssize_t n = ::read(terminal, buf, sizeof buf);
-    if (n > 0) {
-      result.out.append(buf, static_cast<size_t>(n));
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else {
-      break;  // EIO: msb exited, and nothing else has the terminal open
-    }
-  }
-  ::close(terminal);
-  result.exit_code = msb::test::wait_process(pid);
-  return result;
+// `msb ARGS...` on a terminal, as a user at a terminal runs it.
+ProcessResult run_on_terminal(const Msb& msb, std::vector<std::string> args) {
+  args.insert(args.begin(), MSB_BINARY);
+  return msb::test::run_on_terminal(args, {{"MSB_HOME", msb.home.path().string()}});
 }
 
 uint64_t stored_bytes(Msb& msb) {

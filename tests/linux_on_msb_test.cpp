@@ -25,10 +25,14 @@
 
 #include "tests/msb_cli.h"
 
+using msb::test::balloon;
+using msb::test::entry_of;
 using msb::test::Msb;
 using msb::test::ProcessResult;
 using msb::test::require_error;
 using msb::test::require_ok;
+using msb::test::settled_balloon;
+using msb::test::vmm_rss_mib;
 namespace fs = std::filesystem;
 
 namespace {
@@ -72,46 +76,6 @@ std::string out_of(Msb& msb, const std::vector<std::string>& args) {
   return r.out;
 }
 
-nlohmann::json entry_of(Msb& msb, const std::string& name) {
-  for (const auto& box : msb.ls())
-    if (box.at("name") == name) return box;
-  FAIL("no sandbox " << name << " in msb ls");
-  return {};
-}
-
-nlohmann::json balloon(uint64_t ram_mib, uint64_t target_mib, uint64_t actual_mib) {
-  return {{"ram_mib", ram_mib}, {"target_mib", target_mib}, {"actual_mib", actual_mib}};
-}
-
-// The sandbox's balloon in msb ls --json (the VMM's: the machine's target and what the guest's
-// driver says it holds) once the driver holds the target. Linux's agent answers a restore
-// before a deflating balloon is done, and its driver inflates at boot in its own time: wait
-// for it. The deadline only catches a hang (emulated kernel code is slow).
-nlohmann::json settled_balloon(Msb& msb, const std::string& name) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
-  for (;;) {
-    nlohmann::json box = entry_of(msb, name);
-    const nlohmann::json& balloon = box.at("balloon");
-    if (balloon.is_object() && balloon.at("actual_mib") == balloon.at("target_mib")) return balloon;
-    INFO("msb ls: " << box.dump());
-    REQUIRE(std::chrono::steady_clock::now() < deadline);
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  }
-}
-
-// VmRSS of the sandbox's VMM process (its pid from msb ls), in MiB.
-uint64_t vmm_rss_mib(Msb& msb, const std::string& name) {
-  const nlohmann::json box = entry_of(msb, name);
-  REQUIRE(box.at("pid").is_number());
-  std::ifstream in("/proc/" + std::to_string(box.at("pid").get<int>()) + "/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6)) / 1024;
-  }
-  FAIL("no VmRSS for the VMM of " << name);
-  return 0;
-}
-
 }  // namespace
 
 TEST_CASE("the seed's walk-through runs with Linux on msb", "[linux-on-msb]") {
@@ -130,7 +94,7 @@ TEST_CASE("the seed's walk-through runs with Linux on msb", "[linux-on-msb]") {
   REQUIRE(msb.exec_in("base", {"hostname"}) == "base\n");
   REQUIRE(msb.exec_in("base", {"sh", "-c", "echo $STAGE"}) == "base\n");
   // Its memory map holds --max-memory and its balloon what is above --memory, from the boot on.
-  REQUIRE(settled_balloon(msb, "base") == balloon(1024, 512, 512));
+  REQUIRE(settled_balloon(msb, "base", std::chrono::minutes(5)) == balloon(1024, 512, 512));
   const uint64_t base_mem = mem_total_mib(msb, "base");
   REQUIRE(base_mem <= 512);
   REQUIRE(base_mem > 384);
@@ -194,14 +158,14 @@ TEST_CASE("the seed's walk-through runs with Linux on msb", "[linux-on-msb]") {
   // The balloon deflates from the snapshot's 512 MiB to 256: the machine asks for it, the
   // guest's driver gives the pages back, and MemTotal grows by them (a guest that kept the
   // snapshot's balloon would stay at base_mem).
-  REQUIRE(settled_balloon(msb, "big") == balloon(1024, 256, 256));
+  REQUIRE(settled_balloon(msb, "big", std::chrono::minutes(5)) == balloon(1024, 256, 256));
   const uint64_t big_mem = mem_total_mib(msb, "big");
   INFO("MemTotal: " << base_mem << " MiB in the snapshot, " << big_mem << " MiB after the restore");
   REQUIRE(big_mem > base_mem + 200);
   REQUIRE(big_mem <= 768);
   // Less than the snapshot had: the balloon inflates by 128 MiB and MemTotal shrinks by them.
   require_ok(msb({"restore", "ready", "--name", "small", "--memory", "384"}));
-  REQUIRE(settled_balloon(msb, "small") == balloon(1024, 640, 640));
+  REQUIRE(settled_balloon(msb, "small", std::chrono::minutes(5)) == balloon(1024, 640, 640));
   const uint64_t small_mem = mem_total_mib(msb, "small");
   INFO("MemTotal: " << small_mem << " MiB with --memory 384");
   REQUIRE(small_mem <= 384);

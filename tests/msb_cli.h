@@ -314,4 +314,58 @@ inline long first_difference(const std::string& a, const std::string& b) {
   return ia == a.end() && ib == b.end() ? -1 : long(ia - a.begin());
 }
 
+// `msb snapshot create ARGS --json`, which must succeed: its JSON.
+inline nlohmann::json snapshot_create(Msb& msb, std::vector<std::string> args) {
+  args.insert(args.begin(), {"snapshot", "create"});
+  args.push_back("--json");
+  ProcessResult r = msb(args);
+  require_ok(r);
+  return nlohmann::json::parse(r.out);
+}
+
+// The handle of `msb snapshot create ARGS`, which must succeed.
+inline std::string handle_of(Msb& msb, std::vector<std::string> args) {
+  return snapshot_create(msb, std::move(args)).at("handle").get<std::string>();
+}
+
+// The sandbox's entry in msb ls --json, which must be there.
+inline nlohmann::json entry_of(Msb& msb, const std::string& name) {
+  for (const auto& box : msb.ls())
+    if (box.at("name") == name) return box;
+  FAIL("no sandbox " << name << " in msb ls");
+  return {};
+}
+
+// A balloon as msb ls --json shows it.
+inline nlohmann::json balloon(uint64_t ram_mib, uint64_t target_mib, uint64_t actual_mib) {
+  return {{"ram_mib", ram_mib}, {"target_mib", target_mib}, {"actual_mib", actual_mib}};
+}
+
+// The sandbox's balloon in msb ls --json (the machine's target and what the guest's driver says
+// it holds) once the driver holds the target: a guest may answer before its balloon is done,
+// and ls may miss a VMM busy for a moment. `limit` only catches a hang.
+inline nlohmann::json settled_balloon(Msb& msb, const std::string& name,
+                                      std::chrono::seconds limit = std::chrono::minutes(3)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    nlohmann::json box = entry_of(msb, name);
+    const nlohmann::json& balloon = box.at("balloon");
+    if (balloon.is_object() && balloon.at("actual_mib") == balloon.at("target_mib")) return balloon;
+    INFO("msb ls: " << box.dump());
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
+// VmRSS of the sandbox's VMM process (its pid from msb ls), in MiB.
+inline uint64_t vmm_rss_mib(Msb& msb, const std::string& name) {
+  const nlohmann::json box = entry_of(msb, name);
+  REQUIRE(box.at("pid").is_number());
+  const std::string status =
+      read_text("/proc/" + std::to_string(box.at("pid").get<int>()) + "/status");
+  const size_t at = status.find("\nVmRSS:");
+  if (at == std::string::npos) FAIL("no VmRSS for the VMM of " << name);
+  return std::stoull(status.substr(at + 7)) / 1024;
+}
+
 }  // namespace msb::test

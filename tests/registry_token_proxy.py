@@ -59,12 +59,7 @@ def main():
                 f.write("%s %s %s\n" % (command, path,
                                         "auth" if headers.get("Authorization") else "-"))
 
-    class ForwardProxy(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt, *a):
-            pass  # each request is logged as it arrives
-
+    class Replying(http.server.BaseHTTPRequestHandler):
         def reply(self, status, body=b"", headers=()):
             self.send_response(status)
             for k, v in headers:
@@ -73,6 +68,12 @@ def main():
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
+
+    class ForwardProxy(Replying):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *a):
+            pass  # each request is logged as it arrives
 
         def do_CONNECT(self):
             log_request(self.command, self.path, self.headers)
@@ -103,7 +104,7 @@ def main():
                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"]
             self.reply(resp.status, body, out)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(Replying):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, fmt, *a):
@@ -111,15 +112,6 @@ def main():
                 with lock, open(args.log, "a") as f:
                     f.write("%s %s %s\n" % (self.command, self.path,
                                             "auth" if self.headers.get("Authorization") else "-"))
-
-        def reply(self, status, body=b"", headers=()):
-            self.send_response(status)
-            for k, v in headers:
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
 
         def error(self, status, code, message, headers=()):
             body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()

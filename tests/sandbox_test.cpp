@@ -73,42 +73,12 @@ std::string first_line(const std::string& text) {
   return text.substr(0, text.find('\n'));
 }
 
-// `msb ARGS...` with its stdin, stdout and stderr on a terminal `columns` wide, as a user at a
-// terminal runs it; what the terminal received and the exit status.
-ProcessResult run_on_terminal(const std::vector<std::string>& args,
+// `msb ARGS...` on a terminal `columns` wide, as a user at a terminal runs it.
+ProcessResult run_on_terminal(std::vector<std::string> args,
                               const std::map<std::string, std::string>& env,
                               unsigned short columns) {
-  winsize size{};
-  size.ws_row = 24;
-  size.ws_col = columns;
-  int terminal = -1;
-  pid_t pid = ::forkpty(&terminal, nullptr, nullptr, &size);
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    for (const auto& [key, value] : env)
-      ::setenv(key.c_str(), value.c_str(), 1);
-    std::vector<char*> argv = {const_cast<char*>(MSB_BINARY)};
-    for (const auto& arg : args)
-      argv.push_back(const_cast<char*>(arg.c_str()));
-    argv.push_back(nullptr);
-    ::execv(MSB_BINARY, argv.data());
-    ::_exit(127);
-  }
-  ProcessResult result;
-  char buf[4096];
-  for (;;) {
-    ssize_t n = ::read(terminal, buf, sizeof buf);
-    if (n > 0) {
-      result.out.append(buf, static_cast<size_t>(n));
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else {
-      break;  // EIO: msb exited, and nothing else has the terminal open
-    }
-  }
-  ::close(terminal);
-  result.exit_code = msb::test::wait_process(pid);
-  return result;
+  args.insert(args.begin(), MSB_BINARY);
+  return msb::test::run_on_terminal(args, env, columns);
 }
 
 }  // namespace

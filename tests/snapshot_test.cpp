@@ -17,26 +17,15 @@
 
 using msb::test::Background;
 using msb::test::checksum_line;
+using msb::test::handle_of;
 using msb::test::Msb;
 using msb::test::ProcessResult;
 using msb::test::require_error;
 using msb::test::require_ok;
+using msb::test::snapshot_create;
 namespace fs = std::filesystem;
 
 namespace {
-
-// `msb snapshot create ARGS --json`, which must succeed.
-nlohmann::json snapshot(Msb& msb, std::vector<std::string> args) {
-  args.insert(args.begin(), {"snapshot", "create"});
-  args.push_back("--json");
-  ProcessResult r = msb(args);
-  require_ok(r);
-  return nlohmann::json::parse(r.out);
-}
-
-std::string handle_of(Msb& msb, std::vector<std::string> args) {
-  return snapshot(msb, std::move(args)).at("handle").get<std::string>();
-}
 
 std::string state_of(Msb& msb, const std::string& name) {
   for (const auto& box : msb.ls())
@@ -217,13 +206,13 @@ TEST_CASE(
   Msb msb;
   require_ok(msb({"create", "box", "--memory", "96"}));
   REQUIRE(msb.exec({"fill", "32", "21"}) == checksum_line(21, 32));
-  nlohmann::json first = snapshot(msb, {"box", "--resume"});
+  nlohmann::json first = snapshot_create(msb, {"box", "--resume"});
   REQUIRE(first.at("parent").is_null());
   REQUIRE(first.at("stored_bytes").get<uint64_t>() > (31ull << 20));  // the random pattern
 
   // 1 MiB more: the second snapshot reads a few chunks and stores about that much.
   REQUIRE(msb.exec({"fill", "1", "22"}) == checksum_line(22, 1));
-  nlohmann::json second = snapshot(msb, {"box", "--resume"});
+  nlohmann::json second = snapshot_create(msb, {"box", "--resume"});
   REQUIRE(second.at("parent") == first.at("handle"));
   REQUIRE(second.at("stored_bytes").get<uint64_t>() < (3ull << 20));
   REQUIRE(second.at("memory_chunks_read").get<uint64_t>() <

@@ -3,6 +3,7 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pty.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -113,6 +114,42 @@ ProcessResult run_process(const std::vector<std::string>& argv,
     }
   }
   if (in[1] >= 0) ::close(in[1]);
+  result.exit_code = wait_process(pid);
+  return result;
+}
+
+ProcessResult run_on_terminal(const std::vector<std::string>& argv,
+                              const std::map<std::string, std::string>& env,
+                              unsigned short columns) {
+  winsize size{};
+  size.ws_row = 24;
+  size.ws_col = columns;
+  int terminal = -1;
+  pid_t pid = ::forkpty(&terminal, nullptr, nullptr, &size);
+  if (pid < 0) throw std::runtime_error(std::string("forkpty failed: ") + std::strerror(errno));
+  if (pid == 0) {
+    for (const auto& [key, value] : env)
+      ::setenv(key.c_str(), value.c_str(), 1);
+    std::vector<char*> args;
+    for (const auto& arg : argv)
+      args.push_back(const_cast<char*>(arg.c_str()));
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
+    ::_exit(127);
+  }
+  ProcessResult result;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(terminal, buf, sizeof buf);
+    if (n > 0) {
+      result.out.append(buf, static_cast<size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;  // EIO: the program exited, and nothing else has the terminal open
+    }
+  }
+  ::close(terminal);
   result.exit_code = wait_process(pid);
   return result;
 }

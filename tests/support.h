@@ -37,6 +37,13 @@ ProcessResult run_process(const std::vector<std::string>& argv,
                           const std::map<std::string, std::string>& env = {},
                           const std::string& input = "");
 
+// Runs argv[0] (a path) with `env` added to the environment and its stdin, stdout and stderr on a
+// new terminal `columns` wide, as a user at a terminal runs it: what the terminal received (both
+// streams, in `out`) and the exit status.
+ProcessResult run_on_terminal(const std::vector<std::string>& argv,
+                              const std::map<std::string, std::string>& env = {},
+                              unsigned short columns = 120);
+
 // Starts argv[0] in the background with stdout/stderr to /dev/null (or `output` if given).
 pid_t spawn_process(const std::vector<std::string>& argv, const std::string& output = "");
 // Waits for a child; returns its exit code, or 128+N if killed by signal N.

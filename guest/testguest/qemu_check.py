@@ -59,21 +59,30 @@ def pattern_bytes(seed, words):
     return b"".join(struct.pack("<Q", pattern_word(seed, i)) for i in range(words))
 
 
+def connect_when_listening(new_socket, address, wait_s=10):
+    """A socket from new_socket() connected to address, retried while QEMU starts listening."""
+    deadline = time.time() + wait_s
+    while True:
+        sock = new_socket()
+        try:
+            sock.connect(address)
+            return sock
+        except OSError:
+            sock.close()
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Agent:
     def __init__(self, port, timeout=60):
-        deadline = time.time() + 10
-        while True:
-            try:
-                # QEMU's virtconsole drops what its socket cannot take at once (EAGAIN), so a
-                # TCP socket with big buffers it is: a Unix socket's ~200 KiB fill up.
-                self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-                self.sock.connect(("127.0.0.1", port))
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
+        # QEMU's virtconsole drops what its socket cannot take at once (EAGAIN), so a TCP
+        # socket with big buffers it is: a Unix socket's ~200 KiB fill up.
+        def tcp_socket():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+            return sock
+        self.sock = connect_when_listening(tcp_socket, ("127.0.0.1", port))
         self.sock.settimeout(timeout)
         self.buffer = b""
         self.next_id = 1
@@ -123,16 +132,8 @@ class Qmp:
     """QEMU's monitor on a Unix socket: commands and their answers, events skipped."""
 
     def __init__(self, path, timeout=60):
-        deadline = time.time() + 10
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = connect_when_listening(
+            lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), path)
         self.sock.settimeout(timeout)
         self.buffer = b""
         self.read()  # the greeting
