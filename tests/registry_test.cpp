@@ -493,7 +493,10 @@ TEST_CASE("msb pull fails with the reference and the reason, and stores nothing"
   msb.require_no_downloads();
 }
 
-TEST_CASE("msb pull uses plain HTTP only for loopback and MSB_INSECURE_REGISTRIES", "[pull]") {
+// Both need a non-loopback address: a network namespace of their own as root, else the host's
+// (without either they skip, which the label allows).
+TEST_CASE("msb pull uses plain HTTP only for loopback and MSB_INSECURE_REGISTRIES",
+          "[pull][needs-root]") {
   skip_without_tools();
   NonLoopbackAddress network("the plain-HTTP rule's test");
   const std::string host = network.address();
@@ -525,7 +528,7 @@ TEST_CASE("msb pull uses plain HTTP only for loopback and MSB_INSECURE_REGISTRIE
 }
 
 TEST_CASE("msb pull goes through http_proxy and https_proxy but not for what NO_PROXY names",
-          "[pull]") {
+          "[pull][needs-root]") {
   skip_without_tools();
   // Loopback never goes through a proxy (msb adds it to NO_PROXY): the registry is reached at
   // a non-loopback address.
